@@ -1,0 +1,8 @@
+"""ffcv-dr: train on reinforced datasets (Dataset Reinforcement) at native FFCV speed."""
+from .fields import CUSTOM_FIELDS
+from .format import Recipe
+from .pipelines import Loader, train_pipelines
+from .schedule import ReplayClock
+
+__all__ = ['CUSTOM_FIELDS', 'Loader', 'Recipe', 'ReplayClock', 'train_pipelines']
+__version__ = '0.1.0'

@@ -1,0 +1,274 @@
+"""``ffcv-dr convert``: an ImageFolder plus ml-dr reinforcements into one ``.beton``.
+
+Three passes, each parallel with a progress bar:
+1. image headers (size, format, colour mode) to know the box space of every
+   image and which ones need re-encoding;
+2. for a ``.tar``/``.tar.gz`` archive only: stream it once, validate every
+   pickle and keep the compact records in memory-mapped scratch files;
+3. FFCV's ``DatasetWriter`` writes the file under a temporary name, which is
+   renamed only once everything is written and checked.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+from ffcv.fields import IntField
+from ffcv.writer import DatasetWriter
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from .fields import ReinforcedImageField, SoftTargetField
+from .format import Recipe, reinforcement_dtype, topk_dtype
+from .mldr import (CONFIG_NAME, ImageSizes, MldrDirectory, MldrError, check_indices,
+                   member_index, iter_tar, load_pickle, parse_sample, recipe_from_config)
+
+JPEG_QUALITY = 90
+
+
+class ConvertError(RuntimeError):
+    """Conversion failed; nothing was written at the output path."""
+
+
+@dataclass
+class ImageList:
+    paths: list
+    labels: np.ndarray
+    classes: list
+    num_classes: int
+    class_space: str
+
+
+def list_images(images_dir: str, num_classes: int = None) -> ImageList:
+    """Images in ``torchvision.datasets.ImageFolder`` order (index i = i-th sample).
+
+    When every class folder is an ImageNet-1k synset (wnid), labels are
+    ImageNet-1k class indices, the space teachers' probabilities live in."""
+    from torchvision.datasets import ImageFolder
+    if not os.path.isdir(images_dir):
+        raise ConvertError(f'{images_dir}: not a directory')
+    try:
+        folder = ImageFolder(images_dir, loader=lambda p: p)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ConvertError(f'{images_dir}: not an image folder ({e})') from None
+    paths = [p for p, _ in folder.samples]
+    labels = np.array([y for _, y in folder.samples], np.int64)
+    classes, space = folder.classes, 'folder'
+    from timm.data import ImageNetInfo
+    synsets = ImageNetInfo('imagenet-1k').label_names()
+    if (num_classes in (None, len(synsets))) and set(classes) <= set(synsets):
+        index = {s: k for k, s in enumerate(synsets)}
+        labels = np.array([index[classes[y]] for y in labels], np.int64)
+        classes, space = list(synsets), 'imagenet-1k'
+    if num_classes is None:
+        num_classes = len(classes)
+    if labels.size and labels.max() >= num_classes:
+        raise ConvertError(f'{images_dir}: {len(classes)} classes do not fit --num-classes {num_classes}')
+    return ImageList(paths, labels, classes, num_classes, space)
+
+
+def _probe_image(args):
+    path, max_resolution = args
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            passthrough = img.format == 'JPEG' and img.mode in ('RGB', 'L')
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        return path, None, f'{path}: unreadable image ({type(e).__name__}: {e})'
+    if max_resolution and max(width, height) > max_resolution:
+        passthrough = False
+    return path, (width, height, passthrough), None
+
+
+def _stored_size(width, height, max_resolution):
+    if max_resolution and max(width, height) > max_resolution:
+        ratio = max_resolution / max(width, height)
+        return max(1, round(width * ratio)), max(1, round(height * ratio))
+    return width, height
+
+
+def read_jpeg(path, width, height, passthrough, max_resolution):
+    """The bytes to store: the original JPEG, or an RGB re-encode where needed."""
+    if passthrough:
+        return np.fromfile(path, dtype=np.uint8), width, height
+    import cv2
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert('RGB'))
+    new_w, new_h = _stored_size(width, height, max_resolution)
+    if (new_w, new_h) != (width, height):
+        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format='JPEG', quality=JPEG_QUALITY)
+    return np.frombuffer(buf.getvalue(), np.uint8), new_w, new_h
+
+
+_PARSE_STATE = {}
+
+
+def _init_parse(recipe, sizes):
+    _PARSE_STATE.update(recipe=recipe, sizes=sizes)
+
+
+def _parse_member(item):
+    name, data, index = item
+    try:
+        records, topk = parse_sample(load_pickle(data, name), index, _PARSE_STATE['recipe'],
+                                     _PARSE_STATE['sizes'], name)
+        return index, records, topk, None
+    except MldrError as e:
+        return index, None, None, str(e)
+
+
+class TarSource:
+    """An ml-dr archive read once as a stream into memory-mapped records."""
+
+    def __init__(self, path, num_images, num_classes, sizes, scratch, workers):
+        config = None
+        for name, data in iter_tar(path):
+            if CONFIG_NAME.search(name):
+                config = load_pickle(data, f'{path}:{name}')
+                break
+        if config is None:
+            raise MldrError(f'{path}: the archive holds no config.pth.tar')
+        self.config = config
+        self.recipe = recipe_from_config(config, f'{path}:config.pth.tar', num_classes)
+        self.records = np.lib.format.open_memmap(
+            os.path.join(scratch, 'records.npy'), 'w+', reinforcement_dtype(self.recipe),
+            (num_images, self.recipe.num_samples))
+        self.topk = np.lib.format.open_memmap(
+            os.path.join(scratch, 'topk.npy'), 'w+', topk_dtype(self.recipe),
+            (num_images, self.recipe.num_samples))
+        seen = np.zeros(num_images, bool)
+
+        def members():
+            for name, data in iter_tar(path):
+                index = member_index(name)
+                if index is None:
+                    continue
+                where = f'{path}:{name}'
+                if index >= num_images:
+                    raise MldrError(f'{where}: index {index}, but the image folder has only {num_images} images')
+                if seen[index]:
+                    raise MldrError(f'{where}: index {index} appears twice in the archive')
+                seen[index] = True
+                yield where, data, index
+
+        with mp.get_context('fork').Pool(workers, _init_parse, (self.recipe, sizes)) as pool, \
+                tqdm(total=num_images, desc='reading ml-dr archive', unit='img') as bar:
+            for index, records, topk, error in pool.imap_unordered(_parse_member, members(), chunksize=64):
+                if error:
+                    raise MldrError(error)
+                self.records[index] = records
+                self.topk[index] = topk
+                bar.update()
+        check_indices(np.flatnonzero(seen).tolist(), num_images, path)
+        self.records.flush()
+        self.topk.flush()
+
+    def get(self, index):
+        return self.records[index], self.topk[index]
+
+
+class DirectorySource:
+    """An ml-dr ``reinforced_data`` directory, read by index in the writer workers."""
+
+    def __init__(self, path, num_images, num_classes, sizes):
+        self.directory = MldrDirectory(path, num_images)
+        self.config = self.directory.config
+        self.recipe = recipe_from_config(self.config, os.path.join(path, 'config.pth.tar'),
+                                         num_classes)
+        self.sizes = sizes
+
+    def get(self, index):
+        obj, name = self.directory.read(index)
+        return parse_sample(obj, index, self.recipe, self.sizes, name)
+
+
+class _Samples:
+    """What FFCV's writer workers index. A worker that raises makes FFCV's writer
+    wait forever, so failures are recorded in ``error_path`` and a placeholder is
+    written instead; the caller checks the file and discards the output."""
+
+    def __init__(self, images: ImageList, probes, source, max_resolution, error_path):
+        self.images, self.probes, self.source = images, probes, source
+        self.max_resolution, self.error_path = max_resolution, error_path
+        recipe = source.recipe
+        self.placeholder = (np.zeros(recipe.num_samples, reinforcement_dtype(recipe)),
+                            np.zeros(recipe.num_samples, topk_dtype(recipe)))
+
+    def __len__(self):
+        return len(self.images.paths)
+
+    def __getitem__(self, i):
+        label = int(self.images.labels[i])
+        if not os.path.exists(self.error_path):
+            try:
+                records, topk = self.source.get(i)
+                width, height, passthrough = self.probes[i]
+                jpeg, w, h = read_jpeg(self.images.paths[i], width, height, passthrough,
+                                       self.max_resolution)
+                return (jpeg, width, height, w, h, records), (label, topk), label
+            except Exception as e:  # noqa: BLE001 -- see the class docstring
+                message = str(e) if isinstance(e, MldrError) else \
+                    f'{self.images.paths[i]}: {type(e).__name__}: {e}'
+                with open(self.error_path, 'a') as f:
+                    f.write(message.replace('\n', ' ') + '\n')
+        records, topk = self.placeholder
+        return (np.zeros(0, np.uint8), 1, 1, 1, 1, records), (label, topk), label
+
+
+def convert(images_dir: str, output: str, mldr: str, num_workers: int = None,
+            max_resolution: int = None, num_classes: int = None) -> dict:
+    """Write ``output`` from an ImageFolder and ml-dr reinforcements (dir or archive)."""
+    num_workers = num_workers or os.cpu_count()
+    images = list_images(images_dir, num_classes)
+    n = len(images.paths)
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise ConvertError(f'{output}: the directory {out_dir} does not exist')
+    if not os.path.exists(mldr):
+        raise ConvertError(f'{mldr}: no such file or directory')
+
+    with mp.get_context('fork').Pool(num_workers) as pool:
+        probes = []
+        for path, probe, error in tqdm(pool.imap(_probe_image, [(p, max_resolution) for p in images.paths],
+                                                 chunksize=64), total=n, desc='reading image headers',
+                                       unit='img'):
+            if error:
+                raise ConvertError(error)
+            probes.append(probe)
+    sizes = ImageSizes(np.array([p[0] for p in probes], np.int64), np.array([p[1] for p in probes], np.int64))
+    for path, (w, h, _) in zip(images.paths, probes):
+        if max(w, h) > 65535 and not max_resolution:
+            raise ConvertError(f'{path}: {w}x{h} is too large to store; pass --max-resolution')
+
+    scratch = tempfile.mkdtemp(prefix='.ffcv-dr-', dir=out_dir)
+    tmp_output = os.path.join(scratch, os.path.basename(output))
+    try:
+        if os.path.isdir(mldr):
+            source = DirectorySource(mldr, n, images.num_classes, sizes)
+        else:
+            source = TarSource(mldr, n, images.num_classes, sizes, scratch, num_workers)
+        recipe = source.recipe
+        error_path = os.path.join(scratch, 'errors.txt')
+        writer = DatasetWriter(tmp_output, {'image': ReinforcedImageField(recipe),
+                                            'target': SoftTargetField(recipe),
+                                            'label': IntField()}, num_workers=num_workers)
+        writer.from_indexed_dataset(_Samples(images, probes, source, max_resolution, error_path))
+        if os.path.exists(error_path):
+            with open(error_path) as f:
+                errors = f.read().splitlines()
+            more = f' (and {len(errors) - 1} more)' if len(errors) > 1 else ''
+            raise ConvertError(errors[0] + more)
+        os.replace(tmp_output, output)
+    except MldrError as e:
+        raise ConvertError(str(e)) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {'output': output, 'images': n, 'recipe': recipe, 'class_space': images.class_space,
+            're_encoded': int(sum(not p[2] for p in probes))}

@@ -1,0 +1,162 @@
+"""The target field: the teacher's sparse top-k for every reinforcement."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Callable, Optional
+
+import numba as nb
+import numpy as np
+from ffcv.fields.base import Field
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+
+from ..format import TARGET_METADATA, Recipe, topk_dtype
+from ..geometry import read_u16
+from ..schedule import ReplayClock, choose, epoch_reader
+
+# float16 -> float32 for every bit pattern: numba has no float16 on the CPU.
+HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+DENSIFY = ('smooth', 'zeros')
+
+
+class SoftTargetField(Field):
+    """``recipe.num_samples`` top-k records per image, plus the image's label.
+
+    ``encode`` takes ``(label, records)``, records a structured array of
+    ``topk_dtype(recipe)`` with one row per reinforcement.
+    """
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.record_dtype = topk_dtype(recipe)
+
+    @property
+    def metadata_type(self) -> np.dtype:
+        return TARGET_METADATA
+
+    @staticmethod
+    def from_binary(binary) -> 'SoftTargetField':
+        return SoftTargetField(Recipe.from_binary(binary))
+
+    def to_binary(self):
+        return self.recipe.to_binary()
+
+    def encode(self, destination, value, malloc):
+        label, records = value
+        records = np.asarray(records, dtype=self.record_dtype)
+        if records.shape != (self.recipe.num_samples,):
+            raise ValueError(f'expected {self.recipe.num_samples} top-k records, got {records.shape}')
+        raw = records.view('<u1').reshape(-1)
+        ptr, block = malloc(raw.size)
+        block[:] = raw
+        destination['data_ptr'] = ptr
+        destination['label'] = label
+
+    def get_decoder_class(self):
+        return SoftTargetDecoder
+
+
+@nb.njit(nogil=True)
+def densify(rec, topk, out, mode_zeros):
+    """ml-dr's densify: 'smooth' spreads the missing mass over the other classes;
+    'zeros' (or a top-k summing above 1) puts softmax(top-k) on the top-k, as
+    ml-dr's ``densify`` does."""
+    total = 0.0
+    for t in range(topk):
+        total += HALF_TO_FLOAT[read_u16(rec, 2 * t)]
+    rest = 1.0 - total
+    num_classes = out.shape[0]
+    if mode_zeros or rest < 0.0:
+        out[:] = 0.0
+        norm = 0.0
+        for t in range(topk):
+            norm += math.exp(HALF_TO_FLOAT[read_u16(rec, 2 * t)])
+        for t in range(topk):
+            out[read_u16(rec, 2 * (topk + t))] = math.exp(HALF_TO_FLOAT[read_u16(rec, 2 * t)]) / norm
+    else:
+        out[:] = rest / (num_classes - topk)
+        for t in range(topk):
+            out[read_u16(rec, 2 * (topk + t))] = HALF_TO_FLOAT[read_u16(rec, 2 * t)]
+
+
+class SoftTargetDecoder(Operation):
+    """Dense float32 soft targets (num_classes,) of the replayed reinforcement.
+
+    Uses the same :class:`ReplayClock` as the image decoder, so both pick the
+    same reinforcement; fresh samples (probability ``1 - clock.p``) get the
+    one-hot ground-truth label.
+    """
+
+    def __init__(self, clock: Optional[ReplayClock] = None, densify: str = 'smooth'):
+        super().__init__()
+        if densify not in DENSIFY:
+            raise ValueError(f'densify must be one of {DENSIFY}, got {densify!r}')
+        self.clock = clock if clock is not None else ReplayClock()
+        self.densify = densify
+
+    def declare_state_and_memory(self, previous_state: State):
+        shape = (self.field.recipe.num_classes,)
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype('<f4')),
+                AllocationQuery(shape, np.dtype('<f4')))
+
+    def generate_code(self) -> Callable:
+        recipe = self.field.recipe
+        rec_size = topk_dtype(recipe).itemsize
+        num_samples, topk = recipe.num_samples, recipe.topk
+        seed, p = self.clock.seed, self.clock.p
+        mode_zeros = self.densify == 'zeros'
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        read_epoch = epoch_reader(self.clock)
+
+        def decode(batch_indices, destination, metadata, storage_state):
+            epoch = read_epoch()
+            for dst_ix in my_range(len(batch_indices)):
+                index = batch_indices[dst_ix]
+                field = metadata[index]
+                out = destination[dst_ix]
+                j = choose(seed, epoch, index, num_samples, p)
+                if j < 0:
+                    out[:] = 0.0
+                    out[field['label']] = 1.0
+                else:
+                    block = mem_read(field['data_ptr'], storage_state)
+                    densify(block[j * rec_size:(j + 1) * rec_size], topk, out, mode_zeros)
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class ReinforcementIndexDecoder(Operation):
+    """The reinforcement j each sample replays this epoch (-1: fresh), as int64.
+
+    Put it on the ``target`` field under another output name to see the
+    schedule (debugging, curricula)."""
+
+    def __init__(self, clock: Optional[ReplayClock] = None):
+        super().__init__()
+        self.clock = clock if clock is not None else ReplayClock()
+
+    def declare_state_and_memory(self, previous_state: State):
+        return (replace(previous_state, jit_mode=True, shape=(1,), dtype=np.dtype('<i8')),
+                AllocationQuery((1,), np.dtype('<i8')))
+
+    def generate_code(self) -> Callable:
+        num_samples = self.field.recipe.num_samples
+        seed, p = self.clock.seed, self.clock.p
+        my_range = Compiler.get_iterator()
+        read_epoch = epoch_reader(self.clock)
+
+        def decode(batch_indices, destination, metadata, storage_state):
+            epoch = read_epoch()
+            for dst_ix in my_range(len(batch_indices)):
+                destination[dst_ix, 0] = choose(seed, epoch, batch_indices[dst_ix], num_samples, p)
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode

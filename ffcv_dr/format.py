@@ -1,0 +1,176 @@
+"""The on-disk record format of an ffcv-dr ``.beton`` (format version 1).
+
+Everything is little-endian and fixed-width. A file has three FFCV fields:
+
+``image`` (:class:`ffcv_dr.fields.ReinforcedImageField`)
+    Per-image metadata (``IMAGE_METADATA``): pointer to the data block,
+    original width/height (the pixel space of the stored boxes, as in ml-dr),
+    stored width/height (differs only where ``--max-resolution`` resized the
+    image) and a CRC32 of the block. The data block is ``num_samples``
+    reinforcement records (``reinforcement_dtype(recipe)``) followed by the
+    JPEG bytes, so the image decoder reads parameters and pixels in one go.
+
+``target`` (:class:`ffcv_dr.fields.SoftTargetField`)
+    Per-image metadata: pointer and the ground-truth label (needed for the
+    one-hot target of fresh, non-replayed samples). The data block is
+    ``num_samples`` top-k records (``topk_dtype(recipe)``): k float16
+    probabilities then k uint16 class ids.
+
+``label``
+    FFCV's own ``IntField`` with the ground-truth class.
+
+Both custom fields carry the :data:`RECIPE_DTYPE` header in their FFCV field
+arguments, so a reader knows the layout without any side file.
+
+A reinforcement record holds, for one augmented view:
+
+===========  =========  ====================================================
+field        type       meaning
+===========  =========  ====================================================
+crop         u2[4]      RandomResizedCrop (top, left, height, width) in
+                        original-image pixels
+flags        u1         bit 0 flip, bit 1 RandAugment applied,
+                        bit 2 RandomErasing applied
+ra_op        u1[R]      RandAugment op ids (``RA_OPS``), R = ops per image
+ra_mag       f4[R]      magnitudes, signed and scaled, exactly as ml-dr stores
+erase        u1/u2[4]   RandomErasing (top, left, height, width) in output
+                        pixels; u1 when the output side is at most 255
+===========  =========  ====================================================
+
+Recipes with mixing add the same fields for the paired image (``pair_``
+prefix) and ``pair`` (u4 index), ``mix_flags`` (bit 0 paired image present,
+bit 1 MixUp, bit 2 CutMix), ``mixup_lam`` (f4), ``cutmix_lam`` (f4) and
+``cutmix_box`` (u2[4], rows r1:r2 and columns c1:c2 of the output). Recipes
+without RandAugment, erasing or mixing store none of those bytes. For the
+ImageNet+ recipe (two RandAugment ops, erasing, 224 px, top-10) a
+reinforcement takes 23 + 40 = 63 bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+FLIP, HAS_RA, HAS_ERASE = 1, 2, 4
+HAS_PAIR, HAS_MIXUP, HAS_CUTMIX = 1, 2, 4
+
+RA_OPS = ('Identity', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate',
+          'Brightness', 'Color', 'Contrast', 'Sharpness', 'Posterize',
+          'Solarize', 'AutoContrast', 'Equalize')
+
+RECIPE_DTYPE = np.dtype([
+    ('version', '<u2'),
+    ('num_samples', '<u2'),
+    ('topk', '<u2'),
+    ('num_classes', '<u4'),
+    ('ra_ops', 'u1'),
+    ('erase', 'u1'),
+    ('mixing', 'u1'),
+    ('size', '<u2'),
+])
+
+IMAGE_METADATA = np.dtype([
+    ('data_ptr', '<u8'),
+    ('orig_width', '<u4'),
+    ('orig_height', '<u4'),
+    ('width', '<u2'),
+    ('height', '<u2'),
+    ('crc32', '<u4'),
+])
+
+TARGET_METADATA = np.dtype([
+    ('data_ptr', '<u8'),
+    ('label', '<u4'),
+])
+
+MAX_CLASSES = 1 << 16
+MAX_SAMPLES = (1 << 16) - 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one file stores per image: its layout follows from these values."""
+    num_samples: int
+    topk: int
+    num_classes: int
+    ra_ops: int = 0        # RandAugment ops per image, 0 = no RandAugment
+    erase: bool = False    # RandomErasing boxes stored
+    mixing: bool = False   # MixUp/CutMix with a paired image stored
+    size: int = 224        # output side the recipe was made for
+
+    def __post_init__(self):
+        if not 1 <= self.num_samples <= MAX_SAMPLES:
+            raise ValueError(f'num_samples must be in 1..{MAX_SAMPLES}, got {self.num_samples}')
+        if not 1 <= self.topk <= self.num_classes:
+            raise ValueError(f'topk must be in 1..num_classes, got {self.topk}')
+        if not 1 <= self.num_classes <= MAX_CLASSES:
+            raise ValueError(f'num_classes must be in 1..{MAX_CLASSES}, got {self.num_classes}')
+        if not 1 <= self.size < (1 << 16):
+            raise ValueError(f'size must be in 1..65535, got {self.size}')
+
+    def to_array(self) -> np.ndarray:
+        out = np.zeros((), RECIPE_DTYPE)
+        out['version'] = FORMAT_VERSION
+        for key, value in asdict(self).items():
+            out[key] = value
+        return out
+
+    @classmethod
+    def from_array(cls, arr) -> 'Recipe':
+        version = int(arr['version'])
+        if version != FORMAT_VERSION:
+            raise ValueError(f'ffcv-dr format version {version} is not supported '
+                             f'(this ffcv-dr reads version {FORMAT_VERSION})')
+        return cls(num_samples=int(arr['num_samples']), topk=int(arr['topk']),
+                   num_classes=int(arr['num_classes']), ra_ops=int(arr['ra_ops']),
+                   erase=bool(arr['erase']), mixing=bool(arr['mixing']),
+                   size=int(arr['size']))
+
+    def to_binary(self) -> np.ndarray:
+        """The 1024-byte FFCV field argument block holding this recipe."""
+        from ffcv.fields.base import ARG_TYPE
+        out = np.zeros(1, dtype=ARG_TYPE)[0]
+        out[0][:RECIPE_DTYPE.itemsize] = self.to_array().reshape(1).view('<u1')
+        return out
+
+    @classmethod
+    def from_binary(cls, binary) -> 'Recipe':
+        raw = np.asarray(binary).view('<u1').reshape(-1)[:RECIPE_DTYPE.itemsize]
+        return cls.from_array(raw.copy().view(RECIPE_DTYPE)[0])
+
+
+def view_dtype(recipe: Recipe, prefix: str = '') -> list:
+    """Fields for the parameters of one augmented image."""
+    fields = [(prefix + 'crop', '<u2', (4,)), (prefix + 'flags', 'u1')]
+    if recipe.ra_ops:
+        fields += [(prefix + 'ra_op', 'u1', (recipe.ra_ops,)),
+                   (prefix + 'ra_mag', '<f4', (recipe.ra_ops,))]
+    if recipe.erase:
+        fields += [(prefix + 'erase', 'u1' if recipe.size <= 255 else '<u2', (4,))]
+    return fields
+
+
+def reinforcement_dtype(recipe: Recipe) -> np.dtype:
+    """Packed dtype of the augmentation parameters of one reinforcement."""
+    fields = view_dtype(recipe)
+    if recipe.mixing:
+        fields += view_dtype(recipe, 'pair_') + [
+            ('pair', '<u4'), ('mix_flags', 'u1'), ('mixup_lam', '<f4'),
+            ('cutmix_lam', '<f4'), ('cutmix_box', '<u2', (4,))]
+    return np.dtype(fields)
+
+
+def topk_dtype(recipe: Recipe) -> np.dtype:
+    """Packed dtype of the teacher's top-k for one reinforcement."""
+    return np.dtype([('prob', '<f2', (recipe.topk,)), ('cls', '<u2', (recipe.topk,))])
+
+
+def bytes_per_reinforcement(recipe: Recipe) -> int:
+    return reinforcement_dtype(recipe).itemsize + topk_dtype(recipe).itemsize
+
+
+def field_offset(dtype: np.dtype, name: str) -> int:
+    """Byte offset of a field inside a packed record (for numba kernels)."""
+    return dtype.fields[name][1]

@@ -1,0 +1,80 @@
+"""Numba kernels for the geometric part of an augmentation: boxes and flips."""
+import math
+
+import numba as nb
+import numpy as np
+
+from .schedule import STREAM_FRESH, uniform
+
+
+@nb.njit(nogil=True, inline='always')
+def read_u16(buf, offset):
+    """Little-endian uint16 at a byte offset (records are packed, not aligned)."""
+    return np.int64(buf[offset]) | (np.int64(buf[offset + 1]) << 8)
+
+
+@nb.njit(nogil=True)
+def scale_box(top, left, height, width, orig_h, orig_w, img_h, img_w):
+    """Map a box in original-image pixels to the stored image, clamped inside it."""
+    if orig_h != img_h or orig_w != img_w:
+        sy = img_h / orig_h
+        sx = img_w / orig_w
+        bottom = int(round((top + height) * sy))
+        right = int(round((left + width) * sx))
+        top = int(round(top * sy))
+        left = int(round(left * sx))
+        height = bottom - top
+        width = right - left
+    top = min(max(top, 0), img_h - 1)
+    left = min(max(left, 0), img_w - 1)
+    height = min(max(height, 1), img_h - top)
+    width = min(max(width, 1), img_w - left)
+    return top, left, height, width
+
+
+@nb.njit(nogil=True)
+def random_resized_crop(height, width, scale_lo, scale_hi, ratio_lo, ratio_hi,
+                        seed, epoch, index):
+    """torchvision's RandomResizedCrop.get_params, drawing from the replay schedule."""
+    area = height * width
+    log_lo = math.log(ratio_lo)
+    log_hi = math.log(ratio_hi)
+    c = STREAM_FRESH
+    for _ in range(10):
+        target_area = area * (scale_lo + (scale_hi - scale_lo) * uniform(seed, epoch, index, c))
+        aspect = math.exp(log_lo + (log_hi - log_lo) * uniform(seed, epoch, index, c + 1))
+        c += 2
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(uniform(seed, epoch, index, c) * (height - h + 1))
+            left = int(uniform(seed, epoch, index, c + 1) * (width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio_lo:
+        w = width
+        h = int(round(w / ratio_lo))
+    elif in_ratio > ratio_hi:
+        h = height
+        w = int(round(h * ratio_hi))
+    else:
+        w = width
+        h = height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@nb.njit(nogil=True)
+def fresh_flip(seed, epoch, index):
+    """The flip coin of a fresh augmentation (p = 0.5, as ml-dr's recipe)."""
+    return uniform(seed, epoch, index, STREAM_FRESH + 40) < 0.5
+
+
+@nb.njit(nogil=True)
+def hflip_inplace(img):
+    h, w = img.shape[0], img.shape[1]
+    for y in range(h):
+        for x in range(w // 2):
+            for ch in range(img.shape[2]):
+                t = img[y, x, ch]
+                img[y, x, ch] = img[y, w - 1 - x, ch]
+                img[y, w - 1 - x, ch] = t

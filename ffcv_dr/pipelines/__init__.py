@@ -1,0 +1,75 @@
+"""Ready-made pipelines and the Loader for training from an ffcv-dr ``.beton``."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import ffcv.loader
+from ffcv.fields.basics import IntDecoder
+from ffcv.loader import OrderOption
+from ffcv.pipeline import PipelineSpec
+from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+from ..fields import (CUSTOM_FIELDS, ReinforcedImageDecoder, ReinforcementIndexDecoder,
+                      SoftTargetDecoder)
+from ..schedule import ReplayClock
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
+IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
+
+
+def train_pipelines(clock: ReplayClock, output_size: Optional[Tuple[int, int]] = None,
+                    device=None, densify: str = 'smooth', labels: bool = False,
+                    reinforcement_index: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    dtype=np.float16) -> dict:
+    """``pipelines`` for ``ffcv.Loader`` (with ``custom_fields=CUSTOM_FIELDS``).
+
+    Without a device: uint8 NHWC image tensors and float32 targets on the CPU.
+    With one: FFCV's ToDevice/ToTorchImage/NormalizeImage, as ffcv-imagenet's
+    ``train_imagenet.py`` does (normalised ``dtype`` NCHW images, channels_last).
+    """
+    image = [ReinforcedImageDecoder(output_size, clock), ToTensor()]
+    target = [SoftTargetDecoder(clock, densify), ToTensor()]
+    if device is not None:
+        image += [ToDevice(device, non_blocking=True), ToTorchImage(),
+                  NormalizeImage(np.asarray(mean), np.asarray(std), dtype)]
+        target += [ToDevice(device, non_blocking=True)]
+    pipelines = {'image': image, 'target': target, 'label': None}
+    if labels:
+        pipelines['label'] = [IntDecoder(), ToTensor(), Squeeze()] + (
+            [ToDevice(device, non_blocking=True)] if device is not None else [])
+    if reinforcement_index:
+        pipelines['reinforcement'] = PipelineSpec(
+            'target', decoder=ReinforcementIndexDecoder(clock), transforms=[ToTensor(), Squeeze()])
+    return pipelines
+
+
+class Loader(ffcv.loader.Loader):
+    """An ``ffcv.Loader`` that replays the stored reinforcements.
+
+    Yields ``(images, soft_targets)``, then ``labels`` and the replayed
+    reinforcement index ``j`` (-1: fresh augmentation) when asked for. Each
+    epoch sample i replays j = f(seed, epoch, i); the same ``seed`` also seeds
+    FFCV's traversal order. ``p`` is the probability of replaying a stored
+    reinforcement rather than drawing a fresh RandomResizedCrop + flip with
+    the one-hot label (ml-dr trains with 0.99).
+    """
+
+    def __init__(self, fname: str, batch_size: int, num_workers: int = -1,
+                 order=OrderOption.RANDOM, distributed: bool = False, seed: int = 0,
+                 p: float = 1.0, output_size: Optional[Tuple[int, int]] = None,
+                 device=None, densify: str = 'smooth', labels: bool = False,
+                 reinforcement_index: bool = False, indices: Sequence[int] = None,
+                 os_cache: bool = True, drop_last: bool = True, batches_ahead: int = 3,
+                 dtype=np.float16):
+        self.clock = ReplayClock(seed, p)
+        pipelines = train_pipelines(self.clock, output_size, device, densify, labels,
+                                    reinforcement_index, dtype=dtype)
+        super().__init__(fname, batch_size, num_workers=num_workers, os_cache=os_cache,
+                         order=order, distributed=distributed, seed=seed, indices=indices,
+                         pipelines=pipelines, custom_fields=CUSTOM_FIELDS,
+                         drop_last=drop_last, batches_ahead=batches_ahead)
+
+    def __iter__(self):
+        self.clock.set_epoch(self.next_epoch)
+        return super().__iter__()

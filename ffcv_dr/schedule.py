@@ -1,0 +1,109 @@
+"""Which reinforcement each sample replays: j = f(seed, epoch, index).
+
+Image and target decoders run independently inside FFCV's compiled pipeline;
+they agree because both call the same pure, counter-based functions here
+(splitmix64 over seed, epoch, index and a stream id), whatever the traversal
+order, worker count or rank.
+
+FFCV compiles decoders once and never tells them the epoch, and numba freezes
+closure arrays as constants. The epoch therefore lives in a small array owned
+by a :class:`ReplayClock`; compiled code reads it through its address, so
+advancing the epoch costs one store and no recompilation.
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+
+STREAM_CHOICE = 0   # which stored reinforcement
+STREAM_REPLAY = 1   # replay or fresh augmentation
+STREAM_FRESH = 2    # first counter of a fresh augmentation's draws
+
+
+@nb.njit(nogil=True, cache=True)
+def splitmix64(x):
+    z = np.uint64(x) + _GOLDEN
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+@nb.njit(nogil=True, cache=True)
+def draw(seed, epoch, index, stream):
+    """64 random bits, a pure function of its four arguments."""
+    h = splitmix64(np.uint64(seed))
+    h = splitmix64(h ^ np.uint64(epoch))
+    h = splitmix64(h ^ np.uint64(index))
+    return splitmix64(h ^ np.uint64(stream))
+
+
+@nb.njit(nogil=True, cache=True)
+def uniform(seed, epoch, index, stream):
+    """A float64 in [0, 1) from :func:`draw`."""
+    return np.float64(draw(seed, epoch, index, stream) >> _S11) * (1.0 / 9007199254740992.0)
+
+
+@nb.njit(nogil=True, cache=True)
+def choose(seed, epoch, index, num_samples, p):
+    """The reinforcement sample ``index`` replays this epoch, or -1 for a fresh one."""
+    if p < 1.0 and uniform(seed, epoch, index, STREAM_REPLAY) >= p:
+        return -1
+    return np.int64(draw(seed, epoch, index, STREAM_CHOICE) % np.uint64(num_samples))
+
+
+@intrinsic
+def _address_as_pointer(typingctx, address):
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(address), codegen
+
+
+def epoch_reader(clock: 'ReplayClock'):
+    """A jitted function returning the clock's current epoch."""
+    address = clock.address
+
+    @nb.njit(nogil=True)
+    def read_epoch():
+        return nb.carray(_address_as_pointer(address), 1, np.int64)[0]
+    return read_epoch
+
+
+class ReplayClock:
+    """The replay state shared by the image and target decoders of a loader.
+
+    ``ffcv_dr.Loader`` advances it at the start of each epoch; with a plain
+    ``ffcv.Loader`` call :meth:`set_epoch` before iterating, as with
+    ``DistributedSampler.set_epoch``.
+    """
+
+    def __init__(self, seed: int = 0, p: float = 1.0):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f'p must be in [0, 1], got {p}')
+        self.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+        self.p = float(p)
+        self._epoch = np.zeros(1, np.int64)   # read by compiled code by address
+
+    @property
+    def address(self) -> int:
+        return self._epoch.ctypes.data
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int):
+        self._epoch[0] = epoch
+
+    def choices(self, indices, num_samples: int, epoch: int = None) -> np.ndarray:
+        """j for each index at ``epoch`` (default: the current one); -1 = fresh."""
+        epoch = self.epoch if epoch is None else epoch
+        return np.array([choose(self.seed, epoch, int(i), num_samples, self.p)
+                         for i in np.asarray(indices).reshape(-1)], np.int64)
