@@ -5,6 +5,7 @@ import zlib
 from dataclasses import replace
 from typing import Callable, Optional, Tuple
 
+import numba as nb
 import numpy as np
 from ffcv.fields.base import Field
 from ffcv.libffcv import imdecode, resize_crop
@@ -96,20 +97,12 @@ class ReinforcedImageDecoder(Operation):
 
     def generate_code(self) -> Callable:
         recipe = self.field.recipe
-        dtype = reinforcement_dtype(recipe)
-        rec_size = dtype.itemsize
-        params_size = rec_size * recipe.num_samples
-        crop_off = field_offset(dtype, 'crop')
-        flags_off = field_offset(dtype, 'flags')
+        params_size = reinforcement_dtype(recipe).itemsize * recipe.num_samples
         num_samples = recipe.num_samples
         seed, p = self.clock.seed, self.clock.p
-        scale_lo, scale_hi = float(self.scale[0]), float(self.scale[1])
-        ratio_lo, ratio_hi = float(self.ratio[0]), float(self.ratio[1])
-
+        render = make_renderer(recipe, self.scale, self.ratio)
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
         read_epoch = epoch_reader(self.clock)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -118,31 +111,53 @@ class ReinforcedImageDecoder(Operation):
             for dst_ix in my_range(len(batch_indices)):
                 index = batch_indices[dst_ix]
                 field = metadata[index]
-                block = mem_read(field['data_ptr'], storage_state)
-                height = np.uint32(field['height'])
-                width = np.uint32(field['width'])
-                pixels = temp_storage[dst_ix][:height * width * 3].reshape(height, width, 3)
-                imdecode_c(block[params_size:], pixels, height, width, height, width,
-                           0, 0, 1, 1, False, False)
-
-                j = choose(seed, epoch, index, num_samples, p)
-                if j >= 0:
-                    rec = block[j * rec_size:(j + 1) * rec_size]
-                    top, left, h, w = scale_box(
-                        read_u16(rec, crop_off), read_u16(rec, crop_off + 2),
-                        read_u16(rec, crop_off + 4), read_u16(rec, crop_off + 6),
-                        field['orig_height'], field['orig_width'], height, width)
-                    flip = (rec[flags_off] & FLIP) != 0
-                else:
-                    top, left, h, w = random_resized_crop(
-                        height, width, scale_lo, scale_hi, ratio_lo, ratio_hi,
-                        seed, epoch, index)
-                    flip = fresh_flip(seed, epoch, index)
-                out = destination[dst_ix]
-                resize_crop_c(pixels, top, top + h, left, left + w, out)
-                if flip:
-                    hflip_inplace(out)
+                render(mem_read(field['data_ptr'], storage_state), field,
+                       choose(seed, epoch, index, num_samples, p), seed, epoch, index,
+                       temp_storage[dst_ix], destination[dst_ix])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
         return decode
+
+
+def make_renderer(recipe: Recipe, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """The jitted function that renders one sample; the decoder and
+    ``ffcv-dr replay`` both use it, so a replayed PNG is what training sees.
+
+    ``render(block, field, j, seed, epoch, index, temp, out)`` decodes the JPEG
+    of ``block`` into ``temp`` and writes reinforcement ``j`` (a fresh
+    augmentation drawn from (seed, epoch, index) when j < 0) into ``out``.
+    """
+    dtype = reinforcement_dtype(recipe)
+    rec_size = dtype.itemsize
+    params_size = rec_size * recipe.num_samples
+    crop_off = field_offset(dtype, 'crop')
+    flags_off = field_offset(dtype, 'flags')
+    scale_lo, scale_hi = float(scale[0]), float(scale[1])
+    ratio_lo, ratio_hi = float(ratio[0]), float(ratio[1])
+    imdecode_c = Compiler.compile(imdecode)
+    resize_crop_c = Compiler.compile(resize_crop)
+
+    @nb.njit(nogil=True)
+    def render(block, field, j, seed, epoch, index, temp, out):
+        height = np.uint32(field['height'])
+        width = np.uint32(field['width'])
+        pixels = temp[:height * width * 3].reshape(height, width, 3)
+        imdecode_c(block[params_size:], pixels, height, width, height, width,
+                   0, 0, 1, 1, False, False)
+        if j >= 0:
+            rec = block[j * rec_size:(j + 1) * rec_size]
+            top, left, h, w = scale_box(
+                read_u16(rec, crop_off), read_u16(rec, crop_off + 2),
+                read_u16(rec, crop_off + 4), read_u16(rec, crop_off + 6),
+                field['orig_height'], field['orig_width'], height, width)
+            flip = (rec[flags_off] & FLIP) != 0
+        else:
+            top, left, h, w = random_resized_crop(height, width, scale_lo, scale_hi,
+                                                  ratio_lo, ratio_hi, seed, epoch, index)
+            flip = fresh_flip(seed, epoch, index)
+        resize_crop_c(pixels, top, top + h, left, left + w, out)
+        if flip:
+            hflip_inplace(out)
+
+    return render

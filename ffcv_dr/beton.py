@@ -1,0 +1,85 @@
+"""Random access to the records of an ffcv-dr ``.beton`` outside the Loader
+(``info``, ``replay``, tests), through FFCV's own Reader."""
+from __future__ import annotations
+
+import numpy as np
+from ffcv.reader import Reader
+
+from .fields import CUSTOM_FIELDS, ReinforcedImageField, SoftTargetField
+from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, RA_OPS,
+                     reinforcement_dtype, topk_dtype)
+
+
+class BetonFile:
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.reader = Reader(path, CUSTOM_FIELDS)
+        except (AssertionError, ValueError, OSError, IndexError, TypeError) as e:
+            raise ValueError(f'{path}: not a readable ffcv-dr .beton ({e})') from None
+        handlers = self.reader.handlers
+        if not (isinstance(handlers.get('image'), ReinforcedImageField)
+                and isinstance(handlers.get('target'), SoftTargetField)):
+            raise ValueError(f'{path}: not an ffcv-dr .beton (fields: {list(handlers)})')
+        self.recipe = handlers['image'].recipe
+        self.record_dtype = reinforcement_dtype(self.recipe)
+        self.topk_dtype = topk_dtype(self.recipe)
+        names = self.reader.field_names
+        self.image_meta = self.reader.metadata[f'f{names.index("image")}']
+        self.target_meta = self.reader.metadata[f'f{names.index("target")}']
+        table = np.sort(self.reader.alloc_table, order='ptr')
+        self._ptrs, self._sizes = table['ptr'], table['size']
+        self._mmap = np.memmap(path, np.uint8, mode='r')
+
+    def __len__(self):
+        return int(self.reader.num_samples)
+
+    def block(self, ptr) -> np.ndarray:
+        size = self._sizes[np.searchsorted(self._ptrs, ptr)]
+        return self._mmap[int(ptr):int(ptr) + int(size)]
+
+    def image_block(self, index: int) -> np.ndarray:
+        return self.block(self.image_meta[index]['data_ptr'])
+
+    def records(self, index: int) -> np.ndarray:
+        n = self.recipe.num_samples * self.record_dtype.itemsize
+        return self.image_block(index)[:n].view(self.record_dtype)
+
+    def jpeg(self, index: int) -> np.ndarray:
+        return self.image_block(index)[self.recipe.num_samples * self.record_dtype.itemsize:]
+
+    def topk(self, index: int) -> np.ndarray:
+        return self.block(self.target_meta[index]['data_ptr']).view(self.topk_dtype)
+
+    def label(self, index: int) -> int:
+        return int(self.target_meta[index]['label'])
+
+    def describe(self, index: int, sample: int) -> dict:
+        """One reinforcement as JSON-ready data: parameters and teacher top-k."""
+        rec = self.records(index)[sample]
+        params = _describe_view(rec, '', self.recipe)
+        if self.recipe.mixing:
+            flags = int(rec['mix_flags'])
+            params['pair'] = int(rec['pair']) if flags & HAS_PAIR else None
+            params['pair_params'] = _describe_view(rec, 'pair_', self.recipe) if flags & HAS_PAIR else None
+            params['mixup'] = float(rec['mixup_lam']) if flags & HAS_MIXUP else None
+            params['cutmix'] = ({'lam': float(rec['cutmix_lam']),
+                                 'box': [int(v) for v in rec['cutmix_box']]}
+                                if flags & HAS_CUTMIX else None)
+        top = self.topk(index)[sample]
+        order = np.argsort(-top['prob'].astype(np.float32), kind='stable')
+        return {'index': int(index), 'sample': int(sample), 'label': self.label(index),
+                'params': params,
+                'topk': [[int(top['cls'][k]), round(float(top['prob'][k]), 6)] for k in order]}
+
+
+def _describe_view(rec, prefix, recipe) -> dict:
+    flags = int(rec[prefix + 'flags'])
+    out = {'crop': [int(v) for v in rec[prefix + 'crop']], 'flip': bool(flags & FLIP)}
+    if recipe.ra_ops:
+        out['rand_augment'] = ([[RA_OPS[int(o)], float(m)] for o, m in
+                                zip(rec[prefix + 'ra_op'], rec[prefix + 'ra_mag'])]
+                               if flags & HAS_RA else None)
+    if recipe.erase:
+        out['erase'] = [int(v) for v in rec[prefix + 'erase']] if flags & HAS_ERASE else None
+    return out

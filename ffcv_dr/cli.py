@@ -1,0 +1,159 @@
+"""The ``ffcv-dr`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _convert(args):
+    from .convert import convert
+    result = convert(args.images, args.output, args.mldr, num_workers=args.workers,
+                     max_resolution=args.max_resolution, num_classes=args.num_classes)
+    recipe = result['recipe']
+    print(f"wrote {result['output']}: {result['images']} images x {recipe.num_samples} "
+          f"reinforcements, top-{recipe.topk} of {recipe.num_classes} classes "
+          f"({result['class_space']} labels, {result['re_encoded']} images re-encoded)")
+
+
+def _replay(args):
+    import numpy as np
+    from PIL import Image
+    from .beton import BetonFile
+    from .fields.reinforced_image import make_renderer
+    if len(args.index) != len(args.sample):
+        raise ValueError('--index and --sample must be given the same number of times')
+    f = BetonFile(args.beton)
+    size = args.size or f.recipe.size
+    render = make_renderer(f.recipe)
+    many = len(args.index) > 1
+    if many:
+        os.makedirs(args.out, exist_ok=True)
+    for index, sample in zip(args.index, args.sample):
+        if not 0 <= index < len(f):
+            raise ValueError(f'{args.beton}: --index {index} is outside 0..{len(f) - 1}')
+        if not 0 <= sample < f.recipe.num_samples:
+            raise ValueError(f'{args.beton}: --sample {sample} is outside 0..{f.recipe.num_samples - 1}')
+        meta = f.image_meta[index]
+        temp = np.empty(int(meta['width']) * int(meta['height']) * 3, np.uint8)
+        out = np.empty((size, size, 3), np.uint8)
+        render(f.image_block(index), meta, sample, 0, 0, index, temp, out)
+        path = os.path.join(args.out, f'{index}_{sample}.png') if many else args.out
+        Image.fromarray(out).save(path)
+        print(json.dumps(f.describe(index, sample)))
+
+
+def _info(args):
+    from .beton import BetonFile
+    f = BetonFile(args.beton)
+    r, n = f.recipe, len(f)
+    reinforcements = n * r.num_samples
+    params = reinforcements * f.record_dtype.itemsize
+    probs = reinforcements * f.topk_dtype.itemsize
+    image_blocks = sum(int(f.block(p).size) for p in f.image_meta['data_ptr'])
+    info = {
+        'path': args.beton, 'images': n, 'classes': r.num_classes,
+        'reinforcements_per_image': r.num_samples, 'topk': r.topk,
+        'recipe': {'rand_augment_ops': r.ra_ops, 'random_erase': r.erase,
+                   'mixing': r.mixing, 'size': r.size},
+        'fields': {name: type(h).__name__ for name, h in f.reader.handlers.items()},
+        'file_bytes': os.path.getsize(args.beton),
+        'jpeg_bytes': image_blocks - params,
+        'param_bytes': params,
+        'prob_bytes': probs,
+        'param_bytes_per_reinforcement': f.record_dtype.itemsize,
+        'prob_bytes_per_reinforcement': f.topk_dtype.itemsize,
+        'bytes_per_reinforcement': f.record_dtype.itemsize + f.topk_dtype.itemsize,
+    }
+    if args.json:
+        print(json.dumps(info))
+        return
+    for key, value in info.items():
+        print(f'{key:32s} {value}')
+
+
+def _quickstart(args):
+    from ffcv.loader import OrderOption
+    from .convert import convert
+    from .pipelines import Loader
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    result = convert(args.images, args.output, args.mldr, num_workers=args.workers)
+    loader = Loader(args.output, batch_size=args.batch_size, num_workers=args.workers or -1,
+                    order=OrderOption.RANDOM, seed=0)
+    for _ in loader:  # the first epoch compiles the pipeline
+        pass
+    start, count = time.perf_counter(), 0
+    for images, targets in loader:
+        count += images.shape[0]
+    rate = count / (time.perf_counter() - start)
+    print(f"loaded one epoch: {count} images {tuple(images.shape[1:])} with soft targets "
+          f"{tuple(targets.shape[1:])} at {rate:.0f} images/s")
+    print(f"ImageNet+ style .beton: {os.path.abspath(result['output'])}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='ffcv-dr', description=(
+        'Train on reinforced datasets (Dataset Reinforcement) with FFCV.'))
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('convert', help='convert an ImageFolder plus ml-dr reinforcements to a .beton',
+                       description='Convert an ImageFolder and apple/ml-dr reinforcements (a '
+                       'reinforced_data directory or its .tar/.tar.gz archive, read as a stream) '
+                       'into one .beton. Image i is the i-th file in torchvision ImageFolder order.')
+    p.add_argument('images', help='ImageFolder root (class folders of images)')
+    p.add_argument('output', help='the .beton to write (written only when complete)')
+    p.add_argument('--mldr', required=True, help='reinforced_data directory or .tar/.tar.gz archive')
+    p.add_argument('--workers', type=int, default=None, help='parallel processes (default: all cores)')
+    p.add_argument('--max-resolution', type=int, default=None,
+                   help='re-encode images whose longer side exceeds this')
+    p.add_argument('--num-classes', type=int, default=None,
+                   help='size of the teacher\'s class space (default: 1000 for ImageNet synset '
+                   'folders, else the number of folders)')
+    p.set_defaults(run=_convert)
+
+    p = sub.add_parser('replay', help='render stored reinforcements exactly as the loader does',
+                       description='Render reinforcement K of image I as the loader produces it '
+                       '(before normalisation) and print one JSON line per image with its '
+                       'parameters and teacher top-k. Repeat --index/--sample as pairs; with '
+                       'several pairs --out is a folder receiving {I}_{K}.png.')
+    p.add_argument('beton')
+    p.add_argument('--index', type=int, action='append', required=True)
+    p.add_argument('--sample', type=int, action='append', required=True)
+    p.add_argument('--out', required=True, help='PNG file, or folder for several pairs')
+    p.add_argument('--size', type=int, default=None, help='output side (default: the recipe\'s)')
+    p.set_defaults(run=_replay)
+
+    p = sub.add_parser('info', help='counts and storage breakdown of a .beton',
+                       description='Print counts (images, classes, reinforcements, top-k), fields '
+                       'and the bytes taken by JPEGs, parameters and probabilities.')
+    p.add_argument('beton')
+    p.add_argument('--json', action='store_true', help='one JSON object instead of a table')
+    p.set_defaults(run=_info)
+
+    p = sub.add_parser('quickstart', help='convert, load one epoch, print images/s',
+                       description='Convert an ImageFolder plus ml-dr reinforcements, load one '
+                       'epoch with the ffcv-dr Loader and print the throughput.')
+    p.add_argument('images')
+    p.add_argument('mldr')
+    p.add_argument('output')
+    p.add_argument('--workers', type=int, default=None)
+    p.add_argument('--batch-size', type=int, default=64)
+    p.set_defaults(run=_quickstart)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .convert import ConvertError
+    try:
+        args.run(args)
+    except (ConvertError, ValueError, OSError) as e:
+        print(f'ffcv-dr {args.command}: error: {e}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,34 @@
+import os
+import tarfile
+
+import pytest
+
+SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..', 'shared'))
+IMAGES = os.path.join(SHARED, 'data', 'imagenet-sample', 'train')
+RANDAUG = os.path.join(SHARED, 'fixtures', 'mldr-randaug', 'reinforced_data')
+MIXING = os.path.join(SHARED, 'fixtures', 'mldr-mixing', 'reinforced_data')
+
+needs_shared = pytest.mark.skipif(not os.path.isdir(IMAGES),
+                                  reason=f'real data not found at {SHARED} (../shared)')
+
+
+@pytest.fixture(scope='session')
+def randaug_beton(tmp_path_factory):
+    """imagenet-sample + the ImageNet+ recipe fixture, converted once per session."""
+    if not os.path.isdir(IMAGES):
+        pytest.skip(f'real data not found at {SHARED} (../shared)')
+    from ffcv_dr.convert import convert
+    out = str(tmp_path_factory.mktemp('beton') / 'randaug.beton')
+    convert(IMAGES, out, RANDAUG, num_workers=2)
+    return out
+
+
+@pytest.fixture(scope='session')
+def randaug_targz(tmp_path_factory):
+    """The randaug fixture packed the way ml-dr's archives are downloaded."""
+    if not os.path.isdir(RANDAUG):
+        pytest.skip(f'real data not found at {SHARED} (../shared)')
+    path = tmp_path_factory.mktemp('tar') / 'reinforced_data.tar.gz'
+    with tarfile.open(path, 'w:gz') as tar:
+        tar.add(RANDAUG, arcname='reinforced_data')
+    return str(path)
