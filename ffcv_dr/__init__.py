@@ -1,4 +1,5 @@
 """ffcv-dr: train on reinforced datasets (Dataset Reinforcement) at native FFCV speed."""
+from . import ffcv_fixes  # noqa: F401  (must run before any Loader is built)
 from .fields import CUSTOM_FIELDS
 from .format import Recipe
 from .pipelines import Loader, train_pipelines

@@ -22,12 +22,12 @@ def _replay(args):
     import numpy as np
     from PIL import Image
     from .beton import BetonFile
-    from .fields.reinforced_image import make_renderer
+    from .fields.reinforced_image import render, render_layout
     if len(args.index) != len(args.sample):
         raise ValueError('--index and --sample must be given the same number of times')
     f = BetonFile(args.beton)
     size = args.size or f.recipe.size
-    render = make_renderer(f.recipe)
+    layout = render_layout(f.recipe)
     many = len(args.index) > 1
     if many:
         os.makedirs(args.out, exist_ok=True)
@@ -39,7 +39,8 @@ def _replay(args):
         meta = f.image_meta[index]
         temp = np.empty(int(meta['width']) * int(meta['height']) * 3, np.uint8)
         out = np.empty((size, size, 3), np.uint8)
-        render(f.image_block(index), meta, sample, 0, 0, index, temp, out)
+        render(f.image_block(index), meta['height'], meta['width'], meta['orig_height'],
+               meta['orig_width'], sample, 0, 0, index, temp, out, layout)
         path = os.path.join(args.out, f'{index}_{sample}.png') if many else args.out
         Image.fromarray(out).save(path)
         print(json.dumps(f.describe(index, sample)))

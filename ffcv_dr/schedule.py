@@ -66,14 +66,10 @@ def _address_as_pointer(typingctx, address):
     return types.voidptr(address), codegen
 
 
-def epoch_reader(clock: 'ReplayClock'):
-    """A jitted function returning the clock's current epoch."""
-    address = clock.address
-
-    @nb.njit(nogil=True)
-    def read_epoch():
-        return nb.carray(_address_as_pointer(address), 1, np.int64)[0]
-    return read_epoch
+@nb.njit(nogil=True)
+def read_epoch(address):
+    """The epoch stored at ``address`` (a :class:`ReplayClock`'s ``address``)."""
+    return nb.carray(_address_as_pointer(address), 1, np.int64)[0]
 
 
 class ReplayClock:
@@ -92,8 +88,15 @@ class ReplayClock:
         self._epoch = np.zeros(1, np.int64)   # read by compiled code by address
 
     @property
-    def address(self) -> int:
-        return self._epoch.ctypes.data
+    def address(self) -> np.uint64:
+        return np.uint64(self._epoch.ctypes.data)
+
+    @property
+    def constants(self) -> tuple:
+        """(seed, p, address) typed as numpy scalars: compiled decoders capture
+        them as plain values rather than numba literals, so every loader shares
+        one overload of the kernels."""
+        return np.uint64(self.seed), np.float64(self.p), self.address
 
     @property
     def epoch(self) -> int:

@@ -18,7 +18,7 @@ from ..format import (FLIP, IMAGE_METADATA, Recipe, field_offset,
                       reinforcement_dtype)
 from ..geometry import (fresh_flip, hflip_inplace, random_resized_crop,
                         read_u16, scale_box)
-from ..schedule import ReplayClock, choose, epoch_reader
+from ..schedule import ReplayClock, choose, read_epoch
 
 
 class ReinforcedImageField(Field):
@@ -96,68 +96,69 @@ class ReinforcedImageDecoder(Operation):
                  AllocationQuery((int(pixels) * 3,), np.dtype('u1'))))
 
     def generate_code(self) -> Callable:
-        recipe = self.field.recipe
-        params_size = reinforcement_dtype(recipe).itemsize * recipe.num_samples
-        num_samples = recipe.num_samples
-        seed, p = self.clock.seed, self.clock.p
-        render = make_renderer(recipe, self.scale, self.ratio)
+        layout = render_layout(self.field.recipe, self.scale, self.ratio)
+        num_samples = np.int64(self.field.recipe.num_samples)
+        seed, p, address = self.clock.constants
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        read_epoch = epoch_reader(self.clock)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
-            epoch = read_epoch()
+            epoch = read_epoch(address)
             for dst_ix in my_range(len(batch_indices)):
                 index = batch_indices[dst_ix]
                 field = metadata[index]
-                render(mem_read(field['data_ptr'], storage_state), field,
+                render(mem_read(field['data_ptr'], storage_state),
+                       field['height'], field['width'], field['orig_height'], field['orig_width'],
                        choose(seed, epoch, index, num_samples, p), seed, epoch, index,
-                       temp_storage[dst_ix], destination[dst_ix])
+                       temp_storage[dst_ix], destination[dst_ix], layout)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
         return decode
 
 
-def make_renderer(recipe: Recipe, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """The jitted function that renders one sample; the decoder and
-    ``ffcv-dr replay`` both use it, so a replayed PNG is what training sees.
-
-    ``render(block, field, j, seed, epoch, index, temp, out)`` decodes the JPEG
-    of ``block`` into ``temp`` and writes reinforcement ``j`` (a fresh
-    augmentation drawn from (seed, epoch, index) when j < 0) into ``out``.
-    """
+def render_layout(recipe: Recipe, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple:
+    """The constants :func:`render` needs: record layout and fresh-crop ranges."""
     dtype = reinforcement_dtype(recipe)
-    rec_size = dtype.itemsize
-    params_size = rec_size * recipe.num_samples
-    crop_off = field_offset(dtype, 'crop')
-    flags_off = field_offset(dtype, 'flags')
-    scale_lo, scale_hi = float(scale[0]), float(scale[1])
-    ratio_lo, ratio_hi = float(ratio[0]), float(ratio[1])
-    imdecode_c = Compiler.compile(imdecode)
-    resize_crop_c = Compiler.compile(resize_crop)
+    return (dtype.itemsize * recipe.num_samples, dtype.itemsize,
+            field_offset(dtype, 'crop'), field_offset(dtype, 'flags'),
+            float(scale[0]), float(scale[1]), float(ratio[0]), float(ratio[1]))
 
-    @nb.njit(nogil=True)
-    def render(block, field, j, seed, epoch, index, temp, out):
-        height = np.uint32(field['height'])
-        width = np.uint32(field['width'])
-        pixels = temp[:height * width * 3].reshape(height, width, 3)
-        imdecode_c(block[params_size:], pixels, height, width, height, width,
-                   0, 0, 1, 1, False, False)
-        if j >= 0:
-            rec = block[j * rec_size:(j + 1) * rec_size]
-            top, left, h, w = scale_box(
-                read_u16(rec, crop_off), read_u16(rec, crop_off + 2),
-                read_u16(rec, crop_off + 4), read_u16(rec, crop_off + 6),
-                field['orig_height'], field['orig_width'], height, width)
-            flip = (rec[flags_off] & FLIP) != 0
-        else:
-            top, left, h, w = random_resized_crop(height, width, scale_lo, scale_hi,
-                                                  ratio_lo, ratio_hi, seed, epoch, index)
-            flip = fresh_flip(seed, epoch, index)
-        resize_crop_c(pixels, top, top + h, left, left + w, out)
-        if flip:
-            hflip_inplace(out)
 
-    return render
+_imdecode = nb.njit(nogil=True)(imdecode)
+_resize_crop = nb.njit(nogil=True)(resize_crop)
+
+
+@nb.njit(nogil=True)
+def render(block, height, width, orig_height, orig_width, j, seed, epoch, index, temp, out,
+           layout):
+    """Render one sample; the decoder and ``ffcv-dr replay`` both call it, so a
+    replayed PNG is exactly what training sees.
+
+    Decodes the JPEG of ``block`` into ``temp`` and writes reinforcement ``j``
+    (a fresh augmentation drawn from (seed, epoch, index) when j < 0) into
+    ``out``. Kernels live at module level: per-loader closures of jitted
+    functions race with numba's dispatcher finalizers when loaders come and go,
+    and FFCV's metadata records are kept out of their signatures (numba's
+    record types made the overload table inconsistent across loaders).
+    """
+    params_size, rec_size, crop_off, flags_off, scale_lo, scale_hi, ratio_lo, ratio_hi = layout
+    height = np.uint32(height)
+    width = np.uint32(width)
+    pixels = temp[:height * width * 3].reshape(height, width, 3)
+    _imdecode(block[params_size:], pixels, height, width, height, width, 0, 0, 1, 1, False, False)
+    if j >= 0:
+        rec = block[j * rec_size:(j + 1) * rec_size]
+        top, left, h, w = scale_box(
+            read_u16(rec, crop_off), read_u16(rec, crop_off + 2),
+            read_u16(rec, crop_off + 4), read_u16(rec, crop_off + 6),
+            orig_height, orig_width, height, width)
+        flip = (rec[flags_off] & FLIP) != 0
+    else:
+        top, left, h, w = random_resized_crop(height, width, scale_lo, scale_hi,
+                                              ratio_lo, ratio_hi, seed, epoch, index)
+        flip = fresh_flip(seed, epoch, index)
+    _resize_crop(pixels, top, top + h, left, left + w, out)
+    if flip:
+        hflip_inplace(out)

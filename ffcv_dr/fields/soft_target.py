@@ -15,7 +15,7 @@ from ffcv.pipeline.state import State
 
 from ..format import TARGET_METADATA, Recipe, topk_dtype
 from ..geometry import read_u16
-from ..schedule import ReplayClock, choose, epoch_reader
+from ..schedule import ReplayClock, choose, read_epoch
 
 # float16 -> float32 for every bit pattern: numba has no float16 on the CPU.
 HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
@@ -106,15 +106,14 @@ class SoftTargetDecoder(Operation):
     def generate_code(self) -> Callable:
         recipe = self.field.recipe
         rec_size = topk_dtype(recipe).itemsize
-        num_samples, topk = recipe.num_samples, recipe.topk
-        seed, p = self.clock.seed, self.clock.p
+        num_samples, topk = np.int64(recipe.num_samples), np.int64(recipe.topk)
+        seed, p, address = self.clock.constants
         mode_zeros = self.densify == 'zeros'
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        read_epoch = epoch_reader(self.clock)
 
         def decode(batch_indices, destination, metadata, storage_state):
-            epoch = read_epoch()
+            epoch = read_epoch(address)
             for dst_ix in my_range(len(batch_indices)):
                 index = batch_indices[dst_ix]
                 field = metadata[index]
@@ -147,13 +146,12 @@ class ReinforcementIndexDecoder(Operation):
                 AllocationQuery((1,), np.dtype('<i8')))
 
     def generate_code(self) -> Callable:
-        num_samples = self.field.recipe.num_samples
-        seed, p = self.clock.seed, self.clock.p
+        num_samples = np.int64(self.field.recipe.num_samples)
+        seed, p, address = self.clock.constants
         my_range = Compiler.get_iterator()
-        read_epoch = epoch_reader(self.clock)
 
         def decode(batch_indices, destination, metadata, storage_state):
-            epoch = read_epoch()
+            epoch = read_epoch(address)
             for dst_ix in my_range(len(batch_indices)):
                 destination[dst_ix, 0] = choose(seed, epoch, batch_indices[dst_ix], num_samples, p)
             return destination[:len(batch_indices)]
