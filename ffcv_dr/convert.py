@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .fields import ReinforcedImageField, SoftTargetField
-from .format import Recipe, reinforcement_dtype, topk_dtype
+from .format import reinforcement_dtype, topk_dtype
 from .mldr import (CONFIG_NAME, ImageSizes, MldrDirectory, MldrError, check_indices,
                    member_index, iter_tar, load_pickle, parse_sample, recipe_from_config)
 

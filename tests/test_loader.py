@@ -155,3 +155,20 @@ def test_zeros_densify_and_output_size(randaug_beton):
     assert images.shape == (10, 160, 160, 3)
     for i in range(10):
         np.testing.assert_allclose(targets[i].numpy(), expected_target(f, i, int(js[i]), 'zeros'), atol=1e-6)
+
+
+def test_a_plain_ffcv_loader_reads_the_file(randaug_beton):
+    import ffcv
+    from ffcv_dr import CUSTOM_FIELDS, train_pipelines
+    f = BetonFile(randaug_beton)
+    clock = ReplayClock(seed=5)
+    loader = ffcv.Loader(randaug_beton, batch_size=8, num_workers=1, order=OrderOption.SEQUENTIAL,
+                         indices=np.arange(8), custom_fields=CUSTOM_FIELDS,
+                         pipelines=train_pipelines(clock, reinforcement_index=True))
+    for epoch in (0, 4):
+        clock.set_epoch(epoch)
+        images, targets, js = [t.clone() for t in next(iter(loader))]
+        for i in range(8):
+            assert js[i] == choose(np.uint64(5), epoch, i, 8, 1.0)
+            np.testing.assert_array_equal(images[i].numpy(), render(f, i, int(js[i]), 5, epoch))
+            np.testing.assert_allclose(targets[i].numpy(), expected_target(f, i, int(js[i])), atol=1e-6)
