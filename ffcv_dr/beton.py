@@ -6,6 +6,7 @@ import numpy as np
 from ffcv.reader import Reader
 
 from .fields import CUSTOM_FIELDS, ReinforcedImageField, SoftTargetField
+from .fields.reinforced_image import render, render_layout
 from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, RA_OPS,
                      reinforcement_dtype, topk_dtype)
 
@@ -24,6 +25,7 @@ class BetonFile:
         self.recipe = handlers['image'].recipe
         self.record_dtype = reinforcement_dtype(self.recipe)
         self.topk_dtype = topk_dtype(self.recipe)
+        self.params_size = self.recipe.num_samples * self.record_dtype.itemsize
         names = self.reader.field_names
         self.image_meta = self.reader.metadata[f'f{names.index("image")}']
         self.target_meta = self.reader.metadata[f'f{names.index("target")}']
@@ -38,15 +40,31 @@ class BetonFile:
         size = self._sizes[np.searchsorted(self._ptrs, ptr)]
         return self._mmap[int(ptr):int(ptr) + int(size)]
 
+    def jpeg_bytes(self) -> int:
+        """Bytes taken by all stored JPEGs (image blocks less their parameters)."""
+        blocks = self._sizes[np.searchsorted(self._ptrs, self.image_meta['data_ptr'])]
+        return int(blocks.sum()) - len(self) * self.params_size
+
     def image_block(self, index: int) -> np.ndarray:
         return self.block(self.image_meta[index]['data_ptr'])
 
     def records(self, index: int) -> np.ndarray:
-        n = self.recipe.num_samples * self.record_dtype.itemsize
-        return self.image_block(index)[:n].view(self.record_dtype)
+        return self.image_block(index)[:self.params_size].view(self.record_dtype)
 
     def jpeg(self, index: int) -> np.ndarray:
-        return self.image_block(index)[self.recipe.num_samples * self.record_dtype.itemsize:]
+        return self.image_block(index)[self.params_size:]
+
+    def render(self, index: int, j: int, seed=0, epoch=0, size=None) -> np.ndarray:
+        """Reinforcement ``j`` of image ``index`` (fresh when j < 0) as the loader
+        renders it, through the same jitted kernel: uint8 HWC."""
+        size = size or self.recipe.size
+        meta = self.image_meta[index]
+        out = np.empty((size, size, 3), np.uint8)
+        render(self.image_block(index), meta['height'], meta['width'], meta['orig_height'],
+               meta['orig_width'], j, np.uint64(seed), epoch, index,
+               np.empty(int(meta['width']) * int(meta['height']) * 3, np.uint8), out,
+               render_layout(self.recipe))
+        return out
 
     def topk(self, index: int) -> np.ndarray:
         return self.block(self.target_meta[index]['data_ptr']).view(self.topk_dtype)

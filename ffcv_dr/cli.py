@@ -19,15 +19,11 @@ def _convert(args):
 
 
 def _replay(args):
-    import numpy as np
     from PIL import Image
     from .beton import BetonFile
-    from .fields.reinforced_image import render, render_layout
     if len(args.index) != len(args.sample):
         raise ValueError('--index and --sample must be given the same number of times')
     f = BetonFile(args.beton)
-    size = args.size or f.recipe.size
-    layout = render_layout(f.recipe)
     many = len(args.index) > 1
     if many:
         os.makedirs(args.out, exist_ok=True)
@@ -36,11 +32,7 @@ def _replay(args):
             raise ValueError(f'{args.beton}: --index {index} is outside 0..{len(f) - 1}')
         if not 0 <= sample < f.recipe.num_samples:
             raise ValueError(f'{args.beton}: --sample {sample} is outside 0..{f.recipe.num_samples - 1}')
-        meta = f.image_meta[index]
-        temp = np.empty(int(meta['width']) * int(meta['height']) * 3, np.uint8)
-        out = np.empty((size, size, 3), np.uint8)
-        render(f.image_block(index), meta['height'], meta['width'], meta['orig_height'],
-               meta['orig_width'], sample, 0, 0, index, temp, out, layout)
+        out = f.render(index, sample, size=args.size)
         path = os.path.join(args.out, f'{index}_{sample}.png') if many else args.out
         Image.fromarray(out).save(path)
         print(json.dumps(f.describe(index, sample)))
@@ -53,7 +45,6 @@ def _info(args):
     reinforcements = n * r.num_samples
     params = reinforcements * f.record_dtype.itemsize
     probs = reinforcements * f.topk_dtype.itemsize
-    image_blocks = sum(int(f.block(p).size) for p in f.image_meta['data_ptr'])
     info = {
         'path': args.beton, 'images': n, 'classes': r.num_classes,
         'reinforcements_per_image': r.num_samples, 'topk': r.topk,
@@ -61,7 +52,7 @@ def _info(args):
                    'mixing': r.mixing, 'size': r.size},
         'fields': {name: type(h).__name__ for name, h in f.reader.handlers.items()},
         'file_bytes': os.path.getsize(args.beton),
-        'jpeg_bytes': image_blocks - params,
+        'jpeg_bytes': f.jpeg_bytes(),
         'param_bytes': params,
         'prob_bytes': probs,
         'param_bytes_per_reinforcement': f.record_dtype.itemsize,

@@ -13,7 +13,6 @@ from helpers import psnr
 from ffcv_dr import Loader, ReplayClock
 from ffcv_dr.beton import BetonFile
 from ffcv_dr.convert import list_images
-from ffcv_dr.fields.reinforced_image import render as render_sample, render_layout
 from ffcv_dr.schedule import choose
 
 
@@ -33,18 +32,6 @@ def expected_target(f: BetonFile, index, j, densify='smooth'):
         out[top['cls']] = probs
     else:  # ml-dr's 'zeros': softmax over the stored top-k probabilities
         out[top['cls']] = np.exp(probs) / np.exp(probs).sum()
-    return out
-
-
-def render(f: BetonFile, index, j, seed=0, epoch=0, size=None):
-    """What the loader must produce for (index, j), through the same jitted renderer."""
-    size = size or f.recipe.size
-    meta = f.image_meta[index]
-    out = np.empty((size, size, 3), np.uint8)
-    render_sample(f.image_block(index), meta['height'], meta['width'], meta['orig_height'],
-                  meta['orig_width'], j, seed, epoch, index,
-                  np.empty(int(meta['width']) * int(meta['height']) * 3, np.uint8), out,
-                  render_layout(f.recipe))
     return out
 
 
@@ -68,7 +55,6 @@ def test_image_and_target_replay_the_same_reinforcement(randaug_beton, request, 
     f = BetonFile(randaug_beton)
     by_label = {f.label(i): i for i in range(len(f))}  # imagenet-sample: one image per class
     seed = 11
-    render(f, 0, 0)  # compile the reference renderer before the loader's thread compiles
     loader = Loader(randaug_beton, batch_size=25, num_workers=workers, order=order, seed=seed, p=p,
                     labels=True, reinforcement_index=True, indices=SUBSET, distributed=distributed,
                     os_cache=order != OrderOption.QUASI_RANDOM)
@@ -84,7 +70,7 @@ def test_image_and_target_replay_the_same_reinforcement(randaug_beton, request, 
                 seen.setdefault(i, []).append(int(j))
                 np.testing.assert_allclose(target, expected_target(f, i, j), atol=1e-6)
                 assert abs(target.sum() - 1) < 1e-4
-                np.testing.assert_array_equal(img, render(f, i, j, seed, epoch))
+                np.testing.assert_array_equal(img, f.render(i, j, seed, epoch))
     sequences = list(seen.values())
     assert sum(len(set(s)) > 1 for s in sequences) > 0.7 * len(sequences)  # other epochs, other j
     if p < 1:
@@ -125,7 +111,7 @@ def test_geometric_replay_matches_torchvision(randaug_beton):
             shifted = F.resized_crop(original, top + h // 8, left + w // 8, h, w, [224, 224], antialias=True)
             if rec['flip']:
                 shifted = F.hflip(shifted)
-            got = render(f, i, j)
+            got = f.render(i, j)
             good.append(psnr(got, ref.permute(1, 2, 0).numpy()))
             wrong_flip.append(psnr(got, flipped.permute(1, 2, 0).numpy()))
             wrong_box.append(psnr(got, shifted.permute(1, 2, 0).numpy()))
@@ -140,7 +126,7 @@ def test_grayscale_jpegs_come_out_rgb(randaug_beton):
     assert len(gray) >= 3
     for i in gray:
         assert Image.open(paths[i]).format == 'JPEG'
-        img = render(f, i, 0)
+        img = f.render(i, 0)
         assert img.shape == (224, 224, 3)
         assert np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])
         assert img.std() > 5  # real content, not a blank
@@ -170,5 +156,5 @@ def test_a_plain_ffcv_loader_reads_the_file(randaug_beton):
         images, targets, js = [t.clone() for t in next(iter(loader))]
         for i in range(8):
             assert js[i] == choose(np.uint64(5), epoch, i, 8, 1.0)
-            np.testing.assert_array_equal(images[i].numpy(), render(f, i, int(js[i]), 5, epoch))
+            np.testing.assert_array_equal(images[i].numpy(), f.render(i, int(js[i]), 5, epoch))
             np.testing.assert_allclose(targets[i].numpy(), expected_target(f, i, int(js[i])), atol=1e-6)

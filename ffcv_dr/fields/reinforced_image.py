@@ -138,10 +138,9 @@ def render(block, height, width, orig_height, orig_width, j, seed, epoch, index,
 
     Decodes the JPEG of ``block`` into ``temp`` and writes reinforcement ``j``
     (a fresh augmentation drawn from (seed, epoch, index) when j < 0) into
-    ``out``. Kernels live at module level: per-loader closures of jitted
-    functions race with numba's dispatcher finalizers when loaders come and go,
-    and FFCV's metadata records are kept out of their signatures (numba's
-    record types made the overload table inconsistent across loaders).
+    ``out``. It lives at module level, so every loader shares one compiled
+    copy (which is why ``ffcv_fixes`` must keep FFCV from mutating numba's
+    interned array types).
     """
     params_size, rec_size, crop_off, flags_off, scale_lo, scale_hi, ratio_lo, ratio_hi = layout
     height = np.uint32(height)
