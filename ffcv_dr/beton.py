@@ -6,7 +6,8 @@ import numpy as np
 from ffcv.reader import Reader
 
 from .fields import CUSTOM_FIELDS, ReinforcedImageField, SoftTargetField
-from .fields.reinforced_image import render, render_layout
+from .fields.reinforced_image import (fresh_settings, pair_index, render, render_layout,
+                                     temp_size)
 from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, RA_OPS,
                      reinforcement_dtype, topk_dtype)
 
@@ -58,12 +59,16 @@ class BetonFile:
         """Reinforcement ``j`` of image ``index`` (fresh when j < 0) as the loader
         renders it, through the same jitted kernel: uint8 HWC."""
         size = size or self.recipe.size
-        meta = self.image_meta[index]
         out = np.empty((size, size, 3), np.uint8)
-        render(self.image_block(index), meta['height'], meta['width'], meta['orig_height'],
-               meta['orig_width'], j, np.uint64(seed), epoch, index,
-               np.empty(int(meta['width']) * int(meta['height']) * 3, np.uint8), out,
-               render_layout(self.recipe))
+        layout = render_layout(self.recipe)
+        block = self.image_block(index)
+        pair = pair_index(block, j, layout)
+        pair = index if pair < 0 else pair
+        pixels = max(int(m['width']) * int(m['height']) for m in self.image_meta[[index, pair]])
+        render(block, self.image_meta[index], self.image_block(pair), self.image_meta[pair],
+               j, np.uint64(seed), epoch, index,
+               np.empty(temp_size(self.recipe, pixels, out.shape), np.uint8), out, layout,
+               fresh_settings(self.recipe, out.shape))
         return out
 
     def topk(self, index: int) -> np.ndarray:

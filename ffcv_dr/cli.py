@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('replay', help='render stored reinforcements exactly as the loader does',
                        description='Render reinforcement K of image I as the loader produces it '
-                       '(before normalisation) and print one JSON line per image with its '
-                       'parameters and teacher top-k. Repeat --index/--sample as pairs; with '
+                       '(the whole recipe: crop, flip, RandAugment, erasing, mixing; before normalisation) '
+                       'and print one JSON line per image with its parameters, op names included, '
+                       'and teacher top-k. Repeat --index/--sample as pairs; with '
                        'several pairs --out is a folder receiving {I}_{K}.png.')
     p.add_argument('beton')
     p.add_argument('--index', type=int, action='append', required=True)

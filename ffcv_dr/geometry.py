@@ -78,3 +78,33 @@ def hflip_inplace(img):
                 t = img[y, x, ch]
                 img[y, x, ch] = img[y, w - 1 - x, ch]
                 img[y, w - 1 - x, ch] = t
+
+
+@nb.njit(nogil=True)
+def random_erasing(height, width, p, seed, epoch, index, stream):
+    """torchvision's RandomErasing.get_params (scale 0.02-0.33, ratio 0.3-3.3)
+    behind a coin of probability ``p``, drawing from the replay schedule.
+    Returns (top, left, h, w); h == 0 means no erasing."""
+    if uniform(seed, epoch, index, stream) >= p:
+        return 0, 0, 0, 0
+    area = height * width
+    log_lo = math.log(0.3)
+    log_hi = math.log(3.3)
+    c = stream + 1
+    for _ in range(10):
+        erase_area = area * (0.02 + 0.31 * uniform(seed, epoch, index, c))
+        aspect = math.exp(log_lo + (log_hi - log_lo) * uniform(seed, epoch, index, c + 1))
+        h = int(round(math.sqrt(erase_area * aspect)))
+        w = int(round(math.sqrt(erase_area / aspect)))
+        if h < height and w < width:
+            top = int(uniform(seed, epoch, index, c + 2) * (height - h + 1))
+            left = int(uniform(seed, epoch, index, c + 3) * (width - w + 1))
+            return top, left, h, w
+        c += 4
+    return 0, 0, 0, 0
+
+
+@nb.njit(nogil=True)
+def erase(img, top, left, height, width):
+    """Zero a box (clipped to the image): ml-dr's RandomErasing before Normalize."""
+    img[max(top, 0):max(top + height, 0), max(left, 0):max(left + width, 0)] = 0

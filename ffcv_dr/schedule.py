@@ -25,7 +25,9 @@ _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(
 
 STREAM_CHOICE = 0   # which stored reinforcement
 STREAM_REPLAY = 1   # replay or fresh augmentation
-STREAM_FRESH = 2    # first counter of a fresh augmentation's draws
+STREAM_FRESH = 2    # first counter of a fresh augmentation's crop and flip draws
+STREAM_FRESH_RA = 50      # fresh RandAugment: two counters per op
+STREAM_FRESH_ERASE = 70   # fresh RandomErasing: coin, then four counters per try
 
 
 @nb.njit(nogil=True, cache=True)

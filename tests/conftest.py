@@ -32,3 +32,19 @@ def randaug_targz(tmp_path_factory):
     with tarfile.open(path, 'w:gz') as tar:
         tar.add(RANDAUG, arcname='reinforced_data')
     return str(path)
+
+
+@pytest.fixture(scope='session')
+def mixing_beton(tmp_path_factory):
+    """Images 0..63 (all the mixing fixture covers) + the MixUp/CutMix recipe."""
+    if not os.path.isdir(IMAGES):
+        pytest.skip(f'real data not found at {SHARED} (../shared)')
+    from ffcv_dr.convert import convert, list_images
+    root = tmp_path_factory.mktemp('mixing')
+    for path in list_images(IMAGES).paths[:64]:
+        cls = os.path.basename(os.path.dirname(path))
+        os.makedirs(root / 'images' / cls, exist_ok=True)
+        os.symlink(path, root / 'images' / cls / os.path.basename(path))
+    out = str(root / 'mixing.beton')
+    convert(str(root / 'images'), out, MIXING, num_workers=2)
+    return out

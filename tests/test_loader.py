@@ -1,23 +1,22 @@
 """The Loader replays what the file stores: same j for image and target, per epoch."""
 import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
 from ffcv.loader import OrderOption
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as F
 
 from conftest import IMAGES, needs_shared
-from helpers import psnr
 from ffcv_dr import Loader, ReplayClock
 from ffcv_dr.beton import BetonFile
 from ffcv_dr.convert import list_images
-from ffcv_dr.schedule import choose
+from ffcv_dr.geometry import random_erasing
+from ffcv_dr.randaugment import POSTERIZE, draw_ops, magnitude_table
+from ffcv_dr.schedule import STREAM_FRESH_ERASE, STREAM_FRESH_RA, choose
 
 
 pytestmark = needs_shared
 SUBSET = np.arange(0, 500, 4)
+GEOMETRIC = ('ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate')
 
 
 def expected_target(f: BetonFile, index, j, densify='smooth'):
@@ -93,32 +92,6 @@ def test_schedule_is_a_pure_function_of_seed_epoch_index():
     assert 0.008 < (fresh == -1).mean() < 0.012
 
 
-def test_geometric_replay_matches_torchvision(randaug_beton):
-    """Against torchvision's resized_crop + hflip on the decoded original with the
-    stored box: the threshold sits far above what a wrong box or flip gives."""
-    f = BetonFile(randaug_beton)
-    paths = list_images(IMAGES).paths
-    good, wrong_flip, wrong_box = [], [], []
-    for i in range(0, 500, 25):
-        original = decode_jpeg(torch.from_numpy(np.fromfile(paths[i], np.uint8)), mode=ImageReadMode.RGB)
-        for j in range(2):
-            rec = f.describe(i, j)['params']
-            top, left, h, w = rec['crop']
-            ref = F.resized_crop(original, top, left, h, w, [224, 224], antialias=True)
-            flipped = F.hflip(ref)
-            if rec['flip']:
-                ref, flipped = flipped, ref
-            shifted = F.resized_crop(original, top + h // 8, left + w // 8, h, w, [224, 224], antialias=True)
-            if rec['flip']:
-                shifted = F.hflip(shifted)
-            got = f.render(i, j)
-            good.append(psnr(got, ref.permute(1, 2, 0).numpy()))
-            wrong_flip.append(psnr(got, flipped.permute(1, 2, 0).numpy()))
-            wrong_box.append(psnr(got, shifted.permute(1, 2, 0).numpy()))
-    assert min(good) > 27, good
-    assert max(wrong_flip) < 24 and max(wrong_box) < 24, (max(wrong_flip), max(wrong_box))
-
-
 def test_grayscale_jpegs_come_out_rgb(randaug_beton):
     f = BetonFile(randaug_beton)
     paths = list_images(IMAGES).paths
@@ -158,3 +131,79 @@ def test_a_plain_ffcv_loader_reads_the_file(randaug_beton):
             assert js[i] == choose(np.uint64(5), epoch, i, 8, 1.0)
             np.testing.assert_array_equal(images[i].numpy(), f.render(i, int(js[i]), 5, epoch))
             np.testing.assert_allclose(targets[i].numpy(), expected_target(f, i, int(js[i])), atol=1e-6)
+
+
+def test_mixing_loader_reads_the_paired_image(mixing_beton):
+    f = BetonFile(mixing_beton)
+    by_label = {f.label(i): i for i in range(len(f))}
+    loader = Loader(mixing_beton, batch_size=16, num_workers=2, seed=3, labels=True,
+                    reinforcement_index=True)
+    paired = 0
+    for epoch in range(2):
+        for images, _, labels, js in [tuple(t.clone() for t in b) for b in loader]:
+            for img, label, j in zip(images.numpy(), labels.numpy(), js.numpy()):
+                i = by_label[int(label)]
+                paired += f.describe(i, int(j))['params']['pair'] is not None
+                np.testing.assert_array_equal(img, f.render(i, int(j), 3, epoch))
+    assert paired > 20
+    with pytest.raises(ValueError, match='os_cache=True'):
+        Loader(mixing_beton, batch_size=16, num_workers=1, os_cache=False)
+
+
+def test_fresh_samples_draw_randaugment_and_erasing(randaug_beton):
+    """Fresh draws follow torchvision's distributions, and the renders show them:
+    the erased box is black and a last Posterize(7 bits) leaves only even levels."""
+    mags, signed = magnitude_table(224, 224)
+    ops, m = np.empty(2, np.uint8), np.empty(2, np.float32)
+    counts, negative, erased = np.zeros(14), 0, []
+    for i in range(3000):
+        draw_ops(mags, signed, 7, 0, i, STREAM_FRESH_RA, ops, m)
+        counts[ops] += 1
+        assert np.array_equal(np.abs(m), mags[ops])
+        negative += int((m < 0).sum())
+        top, left, h, w = random_erasing(224, 224, 0.25, 7, 0, i, STREAM_FRESH_ERASE)
+        if h:
+            assert 0 <= top <= 224 - h and 0 <= left <= 224 - w
+            assert 0.015 < h * w / 224 ** 2 < 0.34
+            erased.append(i)
+    assert counts.min() > 0.75 * 6000 / 14 and counts.max() < 1.25 * 6000 / 14
+    assert 0.4 < negative / (counts[signed].sum() - 0) < 0.6
+    assert 0.22 < len(erased) / 3000 < 0.28
+    f = BetonFile(randaug_beton)
+    posterized = 0
+    for i in range(200):
+        img = f.render(i, -1, seed=7, epoch=0)
+        draw_ops(mags, signed, 7, 0, i, STREAM_FRESH_RA, ops, m)
+        if ops[1] == POSTERIZE:
+            posterized += 1
+            assert not (img & 1).any()
+        if i in erased:
+            top, left, h, w = random_erasing(224, 224, 0.25, 7, 0, i, STREAM_FRESH_ERASE)
+            assert not img[top:top + h, left:left + w].any()
+    assert posterized >= 5
+
+
+@pytest.mark.parametrize('size', [224, 112, 320])
+def test_erase_boxes_and_translations_follow_the_output_size(randaug_beton, size):
+    """Stored boxes and shifts are in 224 px: at another size they scale with it."""
+    f = BetonFile(randaug_beton)
+    s = size / f.recipe.size
+    checked, shifted = 0, []
+    for i in range(0, 500, 3):
+        for j in range(2):
+            params = f.describe(i, j)['params']
+            img = f.render(i, j, size=size)
+            if params['erase']:
+                top, left, h, w = params['erase']
+                t, l = round(top * s), round(left * s)
+                assert not img[t:round((top + h) * s), l:round((left + w) * s)].any()
+                checked += 1
+            (first, _), (op, m) = params['rand_augment']
+            if op == 'TranslateX' and first not in GEOMETRIC and not params['erase']:
+                band = round(int(abs(m)) * s)
+                cols = img[:, :band] if m > 0 else img[:, size - band:]
+                inner = img[:, band] if m > 0 else img[:, size - band - 1]
+                assert not cols.any(), (i, j, params)
+                shifted.append(bool(inner.any()))  # False only on images with black edges
+                checked += 1
+    assert checked > 40 and np.mean(shifted) > 0.8

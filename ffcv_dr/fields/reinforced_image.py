@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import zlib
+from collections import namedtuple
 from dataclasses import replace
 from typing import Callable, Optional, Tuple
 
@@ -14,11 +15,14 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 
-from ..format import (FLIP, IMAGE_METADATA, Recipe, field_offset,
-                      reinforcement_dtype)
-from ..geometry import (fresh_flip, hflip_inplace, random_resized_crop,
+from ..format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
+                      IMAGE_METADATA, Recipe, field_offset, reinforcement_dtype)
+from ..geometry import (erase, fresh_flip, hflip_inplace, random_erasing, random_resized_crop,
                         read_u16, scale_box)
-from ..schedule import ReplayClock, choose, read_epoch
+from ..mixing import cutmix, mixup
+from ..randaugment import apply_op, draw_ops, magnitude_table
+from ..schedule import (STREAM_FRESH_ERASE, STREAM_FRESH_RA, ReplayClock, choose,
+                        read_epoch)
 
 
 class ReinforcedImageField(Field):
@@ -69,19 +73,23 @@ class ReinforcedImageDecoder(Operation):
     """Decodes the JPEG and replays the chosen reinforcement, in numba.
 
     Output: uint8 HWC images of ``output_size`` (default: the recipe's size).
-    Stored boxes are rescaled when the output size differs from the recipe's
-    or the stored image was resized. With probability ``1 - clock.p`` a sample
-    gets a fresh RandomResizedCrop (``scale``, ``ratio``) and flip instead.
+    The stored crop is replayed, then flip, RandAugment, RandomErasing and,
+    in mixing recipes, MixUp/CutMix with the paired image, which is read from
+    the same file. Stored boxes and translations are rescaled when the output
+    size differs from the recipe's. With probability ``1 - clock.p`` a sample
+    gets a fresh augmentation from the same kernels instead: RandomResizedCrop
+    (``scale``, ``ratio``) and flip, plus RandAugment at ``ra_magnitude`` and
+    RandomErasing with probability ``erase_p`` where the recipe has them.
     """
 
     def __init__(self, output_size: Optional[Tuple[int, int]] = None,
                  clock: Optional[ReplayClock] = None,
-                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), ra_magnitude: int = 9,
+                 erase_p: float = 0.25):
         super().__init__()
         self.output_size = output_size
         self.clock = clock if clock is not None else ReplayClock()
-        self.scale = scale
-        self.ratio = ratio
+        self.fresh = (scale, ratio, ra_magnitude, erase_p)
 
     def _out_shape(self):
         size = self.output_size or (self.field.recipe.size,) * 2
@@ -91,13 +99,21 @@ class ReinforcedImageDecoder(Operation):
         out_shape = self._out_shape()
         pixels = (self.metadata['width'].astype(np.uint64)
                   * self.metadata['height'].astype(np.uint64)).max()
+        temp = temp_size(self.field.recipe, int(pixels), out_shape)
         return (replace(previous_state, jit_mode=True, shape=out_shape, dtype=np.dtype('u1')),
                 (AllocationQuery(out_shape, np.dtype('u1')),
-                 AllocationQuery((int(pixels) * 3,), np.dtype('u1'))))
+                 AllocationQuery((temp,), np.dtype('u1'))))
 
     def generate_code(self) -> Callable:
-        layout = render_layout(self.field.recipe, self.scale, self.ratio)
-        num_samples = np.int64(self.field.recipe.num_samples)
+        recipe = self.field.recipe
+        if recipe.mixing and not _reads_whole_file(self.memory_read):
+            raise ValueError(
+                'this .beton mixes images (MixUp/CutMix): the decoder reads each paired image '
+                "from the file, which FFCV's process cache (os_cache=False) does not load; "
+                'use os_cache=True')
+        layout = render_layout(recipe)
+        fresh = fresh_settings(recipe, self._out_shape(), *self.fresh)
+        num_samples = np.int64(recipe.num_samples)
         seed, p, address = self.clock.constants
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
@@ -107,57 +123,199 @@ class ReinforcedImageDecoder(Operation):
             epoch = read_epoch(address)
             for dst_ix in my_range(len(batch_indices)):
                 index = batch_indices[dst_ix]
-                field = metadata[index]
-                render(mem_read(field['data_ptr'], storage_state),
-                       field['height'], field['width'], field['orig_height'], field['orig_width'],
-                       choose(seed, epoch, index, num_samples, p), seed, epoch, index,
-                       temp_storage[dst_ix], destination[dst_ix], layout)
+                meta = metadata[index]
+                block = mem_read(meta['data_ptr'], storage_state)
+                j = choose(seed, epoch, index, num_samples, p)
+                pair = pair_index(block, j, layout)
+                pair_meta, pair_block = meta, block
+                if pair >= 0:
+                    pair_meta = metadata[pair]
+                    pair_block = mem_read(pair_meta['data_ptr'], storage_state)
+                render(block, meta, pair_block, pair_meta, j, seed, epoch, index,
+                       temp_storage[dst_ix], destination[dst_ix], layout, fresh)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
         return decode
 
 
-def render_layout(recipe: Recipe, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple:
-    """The constants :func:`render` needs: record layout and fresh-crop ranges."""
+def _reads_whole_file(memory_read) -> bool:
+    """False for FFCV's process cache, which holds only the batch's own pages."""
+    return 'ProcessCacheManager' not in getattr(memory_read, 'py_func', memory_read).__qualname__
+
+
+View = namedtuple('View', 'crop flags ra_op ra_mag erase erase_wide')
+View.__doc__ = 'Byte offsets of one view inside a record; -1 where the recipe has no such field.'
+Layout = namedtuple('Layout', 'params_size record_size size num_ops mixing own paired '
+                              'pair mix_flags mixup_lam cutmix_lam cutmix_box')
+Fresh = namedtuple('Fresh', 'scale_lo scale_hi ratio_lo ratio_hi ra_mags ra_signed erase_p')
+
+
+def _view(dtype: np.dtype, recipe: Recipe, prefix: str) -> View:
+    def off(name):
+        return field_offset(dtype, prefix + name) if prefix + name in dtype.fields else -1
+    return View(off('crop'), off('flags'), off('ra_op'), off('ra_mag'), off('erase'),
+                recipe.size > 255)
+
+
+def render_layout(recipe: Recipe) -> Layout:
+    """Where :func:`render` finds each parameter in a record."""
     dtype = reinforcement_dtype(recipe)
-    return (dtype.itemsize * recipe.num_samples, dtype.itemsize,
-            field_offset(dtype, 'crop'), field_offset(dtype, 'flags'),
-            float(scale[0]), float(scale[1]), float(ratio[0]), float(ratio[1]))
+
+    def off(name):
+        return field_offset(dtype, name) if name in dtype.fields else -1
+    return Layout(dtype.itemsize * recipe.num_samples, dtype.itemsize, recipe.size,
+                  recipe.ra_ops, recipe.mixing, _view(dtype, recipe, ''),
+                  _view(dtype, recipe, 'pair_'), off('pair'), off('mix_flags'),
+                  off('mixup_lam'), off('cutmix_lam'), off('cutmix_box'))
+
+
+def fresh_settings(recipe: Recipe, out_shape, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                   ra_magnitude: int = 9, erase_p: float = 0.25) -> Fresh:
+    """What fresh (non-replayed) samples draw from, at the output size."""
+    mags, signed = magnitude_table(out_shape[0], out_shape[1], ra_magnitude)
+    return Fresh(float(scale[0]), float(scale[1]), float(ratio[0]), float(ratio[1]),
+                 mags, signed, float(erase_p) if recipe.erase else 0.0)
+
+
+def temp_size(recipe: Recipe, max_pixels: int, out_shape) -> int:
+    """Scratch bytes per sample: the decoded JPEG, one image for the geometric
+    ops and, when the recipe mixes, the rendered paired image."""
+    out = out_shape[0] * out_shape[1] * 3
+    return max_pixels * 3 + out * (2 if recipe.mixing else 1)
 
 
 _imdecode = nb.njit(nogil=True)(imdecode)
 _resize_crop = nb.njit(nogil=True)(resize_crop)
 
 
+@nb.njit(nogil=True, inline='always')
+def _read_f32(buf, offset):
+    return buf[offset:offset + 4].view(np.float32)[0]
+
+
 @nb.njit(nogil=True)
-def render(block, height, width, orig_height, orig_width, j, seed, epoch, index, temp, out,
-           layout):
+def pair_index(block, j, layout):
+    """The image that reinforcement j of this block mixes with, or -1."""
+    if not layout.mixing or j < 0:
+        return -1
+    rec = block[j * layout.record_size:(j + 1) * layout.record_size]
+    if rec[layout.mix_flags] & HAS_PAIR == 0:
+        return -1
+    return np.int64(read_u16(rec, layout.pair)) | (np.int64(read_u16(rec, layout.pair + 2)) << 16)
+
+
+@nb.njit(nogil=True)
+def _decode(block, meta, params_size, buf):
+    height = np.uint32(meta['height'])
+    width = np.uint32(meta['width'])
+    pixels = buf[:height * width * 3].reshape(height, width, 3)
+    _imdecode(block[params_size:], pixels, height, width, height, width, 0, 0, 1, 1, False, False)
+    return pixels
+
+
+@nb.njit(nogil=True)
+def _render_stored(block, meta, rec, view, layout, buf, scratch, out):
+    """Decode, crop and resize one stored view into ``out``, then replay the rest."""
+    pixels = _decode(block, meta, layout.params_size, buf)
+    top, left, h, w = scale_box(
+        read_u16(rec, view.crop), read_u16(rec, view.crop + 2),
+        read_u16(rec, view.crop + 4), read_u16(rec, view.crop + 6),
+        meta['orig_height'], meta['orig_width'], pixels.shape[0], pixels.shape[1])
+    _resize_crop(pixels, top, top + h, left, left + w, out)
+    replay_view(out, rec, view, layout, scratch)
+
+
+@nb.njit(nogil=True)
+def replay_view(out, rec, view, layout, scratch):
+    """Flip, RandAugment and RandomErasing of one stored view, applied to its
+    resized crop ``out``; ``scratch`` has out's shape."""
+    flags = rec[view.flags]
+    if flags & FLIP:
+        hflip_inplace(out)
+    sy = out.shape[0] / layout.size
+    sx = out.shape[1] / layout.size
+    if flags & HAS_RA:
+        for k in range(layout.num_ops):
+            apply_op(out, scratch, rec[view.ra_op + k], _read_f32(rec, view.ra_mag + 4 * k), sy, sx)
+    if flags & HAS_ERASE:
+        if view.erase_wide:
+            box = (read_u16(rec, view.erase), read_u16(rec, view.erase + 2),
+                   read_u16(rec, view.erase + 4), read_u16(rec, view.erase + 6))
+        else:
+            box = (np.int64(rec[view.erase]), np.int64(rec[view.erase + 1]),
+                   np.int64(rec[view.erase + 2]), np.int64(rec[view.erase + 3]))
+        erase(out, *_scale_out_box(box, sy, sx))
+
+
+@nb.njit(nogil=True)
+def replay_mixing(out, paired, rec, layout):
+    """MixUp, then CutMix, of ``out`` with the rendered paired image."""
+    flags = rec[layout.mix_flags]
+    if flags & HAS_MIXUP:
+        mixup(out, paired, np.float64(_read_f32(rec, layout.mixup_lam)))
+    if flags & HAS_CUTMIX:
+        b = layout.cutmix_box
+        r1, c1, r2, c2 = (read_u16(rec, b), read_u16(rec, b + 2),
+                          read_u16(rec, b + 4), read_u16(rec, b + 6))
+        top, left, h, w = _scale_out_box((r1, c1, r2 - r1, c2 - c1),
+                                         out.shape[0] / layout.size, out.shape[1] / layout.size)
+        cutmix(out, paired, top, left, top + h, left + w)
+
+
+@nb.njit(nogil=True, inline='always')
+def _scale_out_box(box, sy, sx):
+    """A (top, left, height, width) box in recipe-size pixels, at the output size."""
+    top, left, h, w = box
+    if sy == 1.0 and sx == 1.0:
+        return top, left, h, w
+    t, l = int(round(top * sy)), int(round(left * sx))
+    return t, l, int(round((top + h) * sy)) - t, int(round((left + w) * sx)) - l
+
+
+@nb.njit(nogil=True)
+def _render_fresh(block, meta, seed, epoch, index, layout, fresh, buf, scratch, out):
+    """A fresh augmentation with the recipe's ops, drawn from (seed, epoch, index)."""
+    pixels = _decode(block, meta, layout.params_size, buf)
+    top, left, h, w = random_resized_crop(pixels.shape[0], pixels.shape[1], fresh.scale_lo,
+                                          fresh.scale_hi, fresh.ratio_lo, fresh.ratio_hi,
+                                          seed, epoch, index)
+    _resize_crop(pixels, top, top + h, left, left + w, out)
+    if fresh_flip(seed, epoch, index):
+        hflip_inplace(out)
+    if layout.num_ops:
+        ops = np.empty(layout.num_ops, np.uint8)
+        mags = np.empty(layout.num_ops, np.float32)
+        draw_ops(fresh.ra_mags, fresh.ra_signed, seed, epoch, index, STREAM_FRESH_RA, ops, mags)
+        for k in range(layout.num_ops):
+            apply_op(out, scratch, ops[k], mags[k], 1.0, 1.0)
+    if fresh.erase_p > 0:
+        erase(out, *random_erasing(out.shape[0], out.shape[1], fresh.erase_p,
+                                   seed, epoch, index, STREAM_FRESH_ERASE))
+
+
+@nb.njit(nogil=True)
+def render(block, meta, pair_block, pair_meta, j, seed, epoch, index, temp, out, layout, fresh):
     """Render one sample; the decoder and ``ffcv-dr replay`` both call it, so a
     replayed PNG is exactly what training sees.
 
-    Decodes the JPEG of ``block`` into ``temp`` and writes reinforcement ``j``
-    (a fresh augmentation drawn from (seed, epoch, index) when j < 0) into
-    ``out``. It lives at module level, so every loader shares one compiled
-    copy (which is why ``ffcv_fixes`` must keep FFCV from mutating numba's
-    interned array types).
+    Writes reinforcement ``j`` of the image in ``block`` (a fresh augmentation
+    drawn from (seed, epoch, index) when j < 0) into ``out``; ``pair_block``
+    and ``pair_meta`` are those of :func:`pair_index`'s image (any image when
+    there is none). ``temp`` holds :func:`temp_size` bytes. It lives at module
+    level, so every loader shares one compiled copy (which is why
+    ``ffcv_fixes`` must keep FFCV from mutating numba's interned array types).
     """
-    params_size, rec_size, crop_off, flags_off, scale_lo, scale_hi, ratio_lo, ratio_hi = layout
-    height = np.uint32(height)
-    width = np.uint32(width)
-    pixels = temp[:height * width * 3].reshape(height, width, 3)
-    _imdecode(block[params_size:], pixels, height, width, height, width, 0, 0, 1, 1, False, False)
-    if j >= 0:
-        rec = block[j * rec_size:(j + 1) * rec_size]
-        top, left, h, w = scale_box(
-            read_u16(rec, crop_off), read_u16(rec, crop_off + 2),
-            read_u16(rec, crop_off + 4), read_u16(rec, crop_off + 6),
-            orig_height, orig_width, height, width)
-        flip = (rec[flags_off] & FLIP) != 0
-    else:
-        top, left, h, w = random_resized_crop(height, width, scale_lo, scale_hi,
-                                              ratio_lo, ratio_hi, seed, epoch, index)
-        flip = fresh_flip(seed, epoch, index)
-    _resize_crop(pixels, top, top + h, left, left + w, out)
-    if flip:
-        hflip_inplace(out)
+    n = out.size
+    buf = temp[:temp.size - n * (2 if layout.mixing else 1)]
+    scratch = temp[buf.size:buf.size + n].reshape(out.shape)
+    if j < 0:
+        _render_fresh(block, meta, seed, epoch, index, layout, fresh, buf, scratch, out)
+        return
+    rec = block[j * layout.record_size:(j + 1) * layout.record_size]
+    _render_stored(block, meta, rec, layout.own, layout, buf, scratch, out)
+    if pair_index(block, j, layout) < 0:
+        return
+    paired = temp[buf.size + n:].reshape(out.shape)
+    _render_stored(pair_block, pair_meta, rec, layout.paired, layout, buf, scratch, paired)
+    replay_mixing(out, paired, rec, layout)

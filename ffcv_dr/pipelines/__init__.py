@@ -51,8 +51,9 @@ class Loader(ffcv.loader.Loader):
     reinforcement index ``j`` (-1: fresh augmentation) when asked for. Each
     epoch sample i replays j = f(seed, epoch, i); the same ``seed`` also seeds
     FFCV's traversal order. ``p`` is the probability of replaying a stored
-    reinforcement rather than drawing a fresh RandomResizedCrop + flip with
-    the one-hot label (ml-dr trains with 0.99).
+    reinforcement rather than drawing a fresh augmentation (the recipe's ops,
+    without mixing) with the one-hot label (ml-dr trains with 0.99). Mixing
+    recipes need ``os_cache=True``: paired images are read from the file.
     """
 
     def __init__(self, fname: str, batch_size: int, num_workers: int = -1,

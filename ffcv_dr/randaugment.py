@@ -1,0 +1,311 @@
+"""torchvision's 14 RandAugment ops on uint8 HWC images, in numba.
+
+ml-dr replays RandAugment with torchvision on PIL images, so each op repeats
+Pillow's arithmetic: affine ops pick nearest neighbours in Pillow's 16.16
+fixed point (``affine_fixed`` in Geometry.c), blends truncate in float32
+(``ImagingBlend``), the smoothing filter rounds (``ImagingFilter3x3``) and
+the histogram ops build the lookup tables of ``ImageOps``. Magnitudes are
+the stored ones: already signed and scaled, as ml-dr keeps them.
+"""
+import math
+
+import numba as nb
+import numpy as np
+
+from .schedule import uniform
+
+(IDENTITY, SHEAR_X, SHEAR_Y, TRANSLATE_X, TRANSLATE_Y, ROTATE, BRIGHTNESS, COLOR,
+ CONTRAST, SHARPNESS, POSTERIZE, SOLARIZE, AUTOCONTRAST, EQUALIZE) = range(14)
+NUM_OPS = 14
+
+
+def magnitude_table(height: int, width: int, magnitude: int = 9, num_bins: int = 31):
+    """(magnitude, signed) per op, as ``torchvision.transforms.RandAugment``'s
+    augmentation space at one magnitude bin: what fresh samples draw from."""
+    t = magnitude / (num_bins - 1)
+    mags = np.zeros(NUM_OPS, np.float32)
+    mags[[SHEAR_X, SHEAR_Y]] = 0.3 * t
+    mags[TRANSLATE_X] = 150.0 / 331.0 * width * t
+    mags[TRANSLATE_Y] = 150.0 / 331.0 * height * t
+    mags[ROTATE] = 30.0 * t
+    mags[[BRIGHTNESS, COLOR, CONTRAST, SHARPNESS]] = 0.9 * t
+    mags[POSTERIZE] = 8 - round(magnitude / ((num_bins - 1) / 4))
+    mags[SOLARIZE] = 255.0 * (1 - t)
+    signed = np.zeros(NUM_OPS, np.bool_)
+    signed[SHEAR_X:SHARPNESS + 1] = True
+    return mags, signed
+
+
+@nb.njit(nogil=True)
+def draw_ops(mags, signed, seed, epoch, index, stream, ops, out_mags):
+    """Fill ``ops``/``out_mags`` as RandAugment.forward draws them: a uniform op,
+    its table magnitude, negated on a coin flip when the op is signed."""
+    for k in range(ops.shape[0]):
+        op = min(int(uniform(seed, epoch, index, stream + 2 * k) * NUM_OPS), NUM_OPS - 1)
+        ops[k] = op
+        m = mags[op]
+        if signed[op] and uniform(seed, epoch, index, stream + 2 * k + 1) < 0.5:
+            m = -m
+        out_mags[k] = m
+
+
+@nb.njit(nogil=True)
+def apply_op(img, scratch, op, magnitude, scale_y, scale_x):
+    """Apply one op to ``img`` in place; ``scratch`` has img's shape.
+    ``scale_y``/``scale_x`` map stored translations to this image's pixels."""
+    h, w = img.shape[0], img.shape[1]
+    if op == SHEAR_X or op == SHEAR_Y:
+        shear = math.degrees(math.atan(magnitude))
+        if op == SHEAR_X:
+            m = _inverse_affine(0.0, 0.0, 0.0, 0.0, 0.0, shear, 0.0)
+        else:
+            m = _inverse_affine(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, shear)
+        _affine_nearest(img, scratch, m)
+        img[:] = scratch
+    elif op == TRANSLATE_X or op == TRANSLATE_Y:
+        if op == TRANSLATE_X:
+            tx, ty = float(round(int(magnitude) * scale_x)), 0.0
+        else:
+            tx, ty = 0.0, float(round(int(magnitude) * scale_y))
+        _affine_nearest(img, scratch, _inverse_affine(w * 0.5, h * 0.5, 0.0, tx, ty, 0.0, 0.0))
+        img[:] = scratch
+    elif op == ROTATE:
+        _affine_nearest(img, scratch, _rotation(magnitude, w, h))
+        img[:] = scratch
+    elif op == BRIGHTNESS:
+        _blend_constant(img, 0, 1.0 + magnitude)
+    elif op == COLOR:
+        _blend_gray(img, 1.0 + magnitude)
+    elif op == CONTRAST:
+        _blend_constant(img, _gray_mean(img), 1.0 + magnitude)
+    elif op == SHARPNESS:
+        _smooth(img, scratch)
+        _blend_image(img, scratch, 1.0 + magnitude)
+    elif op == POSTERIZE:
+        mask = np.uint8((0xFF << (8 - int(magnitude))) & 0xFF)
+        for y in range(h):
+            for x in range(w):
+                for c in range(3):
+                    img[y, x, c] &= mask
+    elif op == SOLARIZE:
+        for y in range(h):
+            for x in range(w):
+                for c in range(3):
+                    if img[y, x, c] >= magnitude:
+                        img[y, x, c] = 255 - img[y, x, c]
+    elif op == AUTOCONTRAST:
+        _apply_luts(img, _autocontrast_luts(_histograms(img)))
+    elif op == EQUALIZE:
+        _apply_luts(img, _equalize_luts(_histograms(img)))
+
+
+@nb.njit(nogil=True)
+def _inverse_affine(cx, cy, angle, tx, ty, shear_x, shear_y):
+    """torchvision's inverse affine matrix (output -> input pixel), as F.affine
+    hands it to Pillow; angles in degrees, scale 1."""
+    rot = math.radians(angle)
+    sx = math.radians(shear_x)
+    sy = math.radians(shear_y)
+    a = math.cos(rot - sy) / math.cos(sy)
+    b = -math.cos(rot - sy) * math.tan(sx) / math.cos(sy) - math.sin(rot)
+    c = math.sin(rot - sy) / math.cos(sy)
+    d = -math.sin(rot - sy) * math.tan(sx) / math.cos(sy) + math.cos(rot)
+    m0, m1, m3, m4 = d, -b, -c, a
+    m2 = m0 * (-cx - tx) + m1 * (-cy - ty) + cx
+    m5 = m3 * (-cx - tx) + m4 * (-cy - ty) + cy
+    return m0, m1, m2, m3, m4, m5
+
+
+@nb.njit(nogil=True)
+def _rotation(angle, width, height):
+    """Pillow's ``Image.rotate`` matrix about the image centre (torchvision's
+    F.rotate on PIL images calls it)."""
+    a = -math.radians(angle % 360.0)
+    cos = round(math.cos(a), 15)
+    sin = round(math.sin(a), 15)
+    cx, cy = width / 2.0, height / 2.0
+    return (cos, sin, cos * -cx + sin * -cy + cx,
+            -sin, cos, -sin * -cx + cos * -cy + cy)
+
+
+@nb.njit(nogil=True, inline='always')
+def _fix(v):
+    return np.int64(math.floor(v * 65536.0 + 0.5))
+
+
+@nb.njit(nogil=True)
+def _affine_nearest(src, dst, m):
+    """Pillow's nearest-neighbour affine transform in 16.16 fixed point; fill 0."""
+    h, w = src.shape[0], src.shape[1]
+    a0, a1, a2, a3, a4, a5 = m
+    f0, f1, f3, f4 = _fix(a0), _fix(a1), _fix(a3), _fix(a4)
+    xo = _fix(a2 + a1 * 0.5 + a0 * 0.5)
+    yo = _fix(a5 + a4 * 0.5 + a3 * 0.5)
+    for y in range(h):
+        xx, yy = xo, yo
+        for x in range(w):
+            xi = xx >> 16
+            yi = yy >> 16
+            if 0 <= xi < w and 0 <= yi < h:
+                for c in range(3):
+                    dst[y, x, c] = src[yi, xi, c]
+            else:
+                for c in range(3):
+                    dst[y, x, c] = 0
+            xx += f0
+            yy += f3
+        xo += f1
+        yo += f4
+
+
+@nb.njit(nogil=True, inline='always')
+def _blend(degenerate, value, factor):
+    """Pillow's ImagingBlend of one value: float32 arithmetic, clipped, truncated."""
+    v = np.float32(degenerate) + factor * np.float32(np.int32(value) - np.int32(degenerate))
+    if v <= 0:
+        return np.uint8(0)
+    if v >= 255:
+        return np.uint8(255)
+    return np.uint8(v)
+
+
+@nb.njit(nogil=True)
+def _blend_constant(img, degenerate, factor):
+    f = np.float32(factor)
+    for y in range(img.shape[0]):
+        for x in range(img.shape[1]):
+            for c in range(3):
+                img[y, x, c] = _blend(degenerate, img[y, x, c], f)
+
+
+@nb.njit(nogil=True)
+def _blend_image(img, degenerate, factor):
+    f = np.float32(factor)
+    for y in range(img.shape[0]):
+        for x in range(img.shape[1]):
+            for c in range(3):
+                img[y, x, c] = _blend(degenerate[y, x, c], img[y, x, c], f)
+
+
+@nb.njit(nogil=True, inline='always')
+def _luma(px):
+    """Pillow's RGB -> L conversion (ITU-R 601-2 in 16-bit fixed point)."""
+    return (np.int64(px[0]) * 19595 + np.int64(px[1]) * 38470
+            + np.int64(px[2]) * 7471 + 0x8000) >> 16
+
+
+@nb.njit(nogil=True)
+def _blend_gray(img, factor):
+    f = np.float32(factor)
+    for y in range(img.shape[0]):
+        for x in range(img.shape[1]):
+            gray = _luma(img[y, x])
+            for c in range(3):
+                img[y, x, c] = _blend(gray, img[y, x, c], f)
+
+
+@nb.njit(nogil=True)
+def _gray_mean(img):
+    """ImageEnhance.Contrast's degenerate level: the rounded mean of the L image."""
+    total = 0
+    for y in range(img.shape[0]):
+        for x in range(img.shape[1]):
+            total += _luma(img[y, x])
+    return int(total / (img.shape[0] * img.shape[1]) + 0.5)
+
+
+@nb.njit(nogil=True)
+def _smooth(img, out):
+    """ImageFilter.SMOOTH (3x3, centre 5, divisor 13) in float32, rounded;
+    border pixels are copied, as Pillow does."""
+    h, w = img.shape[0], img.shape[1]
+    out[:] = img
+    k = np.float32(1.0 / 13.0)
+    k5 = np.float32(5.0 / 13.0)
+    for y in range(1, h - 1):
+        for x in range(1, w - 1):
+            for c in range(3):
+                ss = np.float32(0.0)
+                for dy in (1, 0, -1):
+                    centre = k5 if dy == 0 else k
+                    ss += (np.float32(img[y + dy, x - 1, c]) * k
+                           + np.float32(img[y + dy, x, c]) * centre
+                           + np.float32(img[y + dy, x + 1, c]) * k)
+                if ss <= 0:
+                    out[y, x, c] = 0
+                elif ss >= 255:
+                    out[y, x, c] = 255
+                else:
+                    out[y, x, c] = np.uint8(math.floor(ss + np.float32(0.5)))
+
+
+@nb.njit(nogil=True)
+def _histograms(img):
+    hist = np.zeros((3, 256), np.int64)
+    for y in range(img.shape[0]):
+        for x in range(img.shape[1]):
+            for c in range(3):
+                hist[c, img[y, x, c]] += 1
+    return hist
+
+
+@nb.njit(nogil=True)
+def _identity_luts():
+    luts = np.empty((3, 256), np.uint8)
+    for c in range(3):
+        for i in range(256):
+            luts[c, i] = i
+    return luts
+
+
+@nb.njit(nogil=True)
+def _autocontrast_luts(hist):
+    """ImageOps.autocontrast (no cutoff): stretch each channel's [min, max]."""
+    luts = _identity_luts()
+    for c in range(3):
+        lo = 0
+        while lo < 256 and hist[c, lo] == 0:
+            lo += 1
+        hi = 255
+        while hi >= 0 and hist[c, hi] == 0:
+            hi -= 1
+        if hi <= lo:
+            continue
+        scale = 255.0 / (hi - lo)
+        offset = -lo * scale
+        for i in range(256):
+            luts[c, i] = min(max(int(i * scale + offset), 0), 255)
+    return luts
+
+
+@nb.njit(nogil=True)
+def _equalize_luts(hist):
+    """ImageOps.equalize: each channel's cumulative histogram, Pillow's rounding."""
+    luts = _identity_luts()
+    for c in range(3):
+        total = 0
+        last = 0
+        used = 0
+        for i in range(256):
+            if hist[c, i]:
+                total += hist[c, i]
+                last = hist[c, i]
+                used += 1
+        if used <= 1:
+            continue
+        step = (total - last) // 255
+        if step == 0:
+            continue
+        n = step // 2
+        for i in range(256):
+            luts[c, i] = min(n // step, 255)
+            n += hist[c, i]
+    return luts
+
+
+@nb.njit(nogil=True)
+def _apply_luts(img, luts):
+    for y in range(img.shape[0]):
+        for x in range(img.shape[1]):
+            for c in range(3):
+                img[y, x, c] = luts[c, img[y, x, c]]
