@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 missing=""
-for pkg in pkg-config libturbojpeg0-dev libopencv-dev python3-venv python3-dev g++; do
+for pkg in pkg-config libturbojpeg0-dev libjpeg-dev libopencv-dev python3-venv python3-dev g++; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
 done
 if [ -n "$missing" ]; then

@@ -85,6 +85,13 @@ def _quickstart(args):
     print(f"ImageNet+ style .beton: {os.path.abspath(result['output'])}")
 
 
+def _bench(args):
+    from .bench import run
+    os.makedirs(args.out, exist_ok=True)
+    run(args.beton, args.out, workers=args.workers, batch_size=args.batch_size,
+        epochs=args.epochs, repeats=args.repeats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='ffcv-dr', description=(
         'Train on reinforced datasets (Dataset Reinforcement) with FFCV.'))
@@ -134,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--workers', type=int, default=None)
     p.add_argument('--batch-size', type=int, default=64)
     p.set_defaults(run=_quickstart)
+
+    p = sub.add_parser('bench', help='loader and conversion throughput against FFCV and ml-dr',
+                       description='Measure, in one run on the images of DATA.beton: A full JPEG '
+                       'decode, B plain FFCV RandomResizedCrop, C ffcv-dr full recipe, D ml-dr\'s '
+                       'loader design, and ffcv-dr convert against FFCV\'s writer. Prints a table, '
+                       'writes bench.json and bench.png, and ends with R1=C/B R2=C/D R3=C/A.')
+    p.add_argument('beton')
+    p.add_argument('--out', default='out/bench', help='folder for bench.json and bench.png')
+    p.add_argument('--workers', type=int, default=None, help='threads / worker processes (default: all cores)')
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--epochs', type=int, default=5, help='timed epochs of D (B and C: 19)')
+    p.add_argument('--repeats', type=int, default=3, help='timed runs of A and of each conversion')
+    p.set_defaults(run=_bench)
     return parser
 
 

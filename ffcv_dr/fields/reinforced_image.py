@@ -9,7 +9,6 @@ from typing import Callable, Optional, Tuple
 import numba as nb
 import numpy as np
 from ffcv.fields.base import Field
-from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
@@ -19,6 +18,7 @@ from ..format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
                       IMAGE_METADATA, Recipe, field_offset, reinforcement_dtype)
 from ..geometry import (erase, fresh_flip, hflip_inplace, random_erasing, random_resized_crop,
                         read_u16, scale_box)
+from ..jpeg import decode_crop_resize
 from ..mixing import cutmix, mixup
 from ..randaugment import apply_op, draw_ops, magnitude_table
 from ..schedule import (STREAM_FRESH_ERASE, STREAM_FRESH_RA, ReplayClock, choose,
@@ -185,10 +185,6 @@ def temp_size(recipe: Recipe, max_pixels: int, out_shape) -> int:
     return max_pixels * 3 + out * (2 if recipe.mixing else 1)
 
 
-_imdecode = nb.njit(nogil=True)(imdecode)
-_resize_crop = nb.njit(nogil=True)(resize_crop)
-
-
 @nb.njit(nogil=True, inline='always')
 def _read_f32(buf, offset):
     return buf[offset:offset + 4].view(np.float32)[0]
@@ -206,23 +202,14 @@ def pair_index(block, j, layout):
 
 
 @nb.njit(nogil=True)
-def _decode(block, meta, params_size, buf):
-    height = np.uint32(meta['height'])
-    width = np.uint32(meta['width'])
-    pixels = buf[:height * width * 3].reshape(height, width, 3)
-    _imdecode(block[params_size:], pixels, height, width, height, width, 0, 0, 1, 1, False, False)
-    return pixels
-
-
-@nb.njit(nogil=True)
 def _render_stored(block, meta, rec, view, layout, buf, scratch, out):
     """Decode, crop and resize one stored view into ``out``, then replay the rest."""
-    pixels = _decode(block, meta, layout.params_size, buf)
+    height, width = np.int64(meta['height']), np.int64(meta['width'])
     top, left, h, w = scale_box(
         read_u16(rec, view.crop), read_u16(rec, view.crop + 2),
         read_u16(rec, view.crop + 4), read_u16(rec, view.crop + 6),
-        meta['orig_height'], meta['orig_width'], pixels.shape[0], pixels.shape[1])
-    _resize_crop(pixels, top, top + h, left, left + w, out)
+        meta['orig_height'], meta['orig_width'], height, width)
+    decode_crop_resize(block[layout.params_size:], height, width, top, left, h, w, buf, out)
     replay_view(out, rec, view, layout, scratch)
 
 
@@ -276,11 +263,10 @@ def _scale_out_box(box, sy, sx):
 @nb.njit(nogil=True)
 def _render_fresh(block, meta, seed, epoch, index, layout, fresh, buf, scratch, out):
     """A fresh augmentation with the recipe's ops, drawn from (seed, epoch, index)."""
-    pixels = _decode(block, meta, layout.params_size, buf)
-    top, left, h, w = random_resized_crop(pixels.shape[0], pixels.shape[1], fresh.scale_lo,
-                                          fresh.scale_hi, fresh.ratio_lo, fresh.ratio_hi,
-                                          seed, epoch, index)
-    _resize_crop(pixels, top, top + h, left, left + w, out)
+    height, width = np.int64(meta['height']), np.int64(meta['width'])
+    top, left, h, w = random_resized_crop(height, width, fresh.scale_lo, fresh.scale_hi,
+                                          fresh.ratio_lo, fresh.ratio_hi, seed, epoch, index)
+    decode_crop_resize(block[layout.params_size:], height, width, top, left, h, w, buf, out)
     if fresh_flip(seed, epoch, index):
         hflip_inplace(out)
     if layout.num_ops:

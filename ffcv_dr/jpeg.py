@@ -1,0 +1,57 @@
+"""Crop-aware JPEG decoding for the replay kernels: decode only the rows and
+(iMCU-aligned) columns a crop needs, scaled by 1/2, 1/4 or 1/8 in the IDCT
+when the crop is at least twice the output, then resize with OpenCV."""
+import ctypes
+
+import numba as nb
+import numpy as np
+from ffcv.libffcv import resize_crop
+
+from . import _jpeg
+
+_lib = ctypes.CDLL(_jpeg.__file__)
+_decode_region = _lib.decode_region
+_decode_region.restype = ctypes.c_int
+_decode_region.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32,
+                           ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p,
+                           ctypes.c_uint64, ctypes.c_void_p]
+_resize_crop = nb.njit(nogil=True)(resize_crop)
+
+
+@nb.njit(nogil=True)
+def dct_scale(crop_h, crop_w, out_h, out_w):
+    """The largest libjpeg scale denominator (1, 2, 4, 8) that keeps the crop
+    at least as large as the output."""
+    d = 1
+    while d < 8 and crop_h >= 2 * d * out_h and crop_w >= 2 * d * out_w:
+        d *= 2
+    return d
+
+
+@nb.njit(nogil=True)
+def decode_crop_resize(jpeg, img_h, img_w, top, left, h, w, buf, out):
+    """out <- the box (top, left, h, w) of the JPEG (an img_h x img_w image)
+    resized to out's shape. ``buf`` holds img_h * img_w * 3 bytes. Returns
+    False, leaving ``out`` black, when the JPEG cannot be decoded."""
+    d = dct_scale(h, w, out.shape[0], out.shape[1])
+    sh = (img_h + d - 1) // d
+    sw = (img_w + d - 1) // d
+    r0 = top // d
+    r1 = min((top + h + d - 1) // d, sh)
+    c0 = left // d
+    c1 = min((left + w + d - 1) // d, sw)
+    geometry = np.empty(2, np.uint32)
+    status = _decode_region(jpeg.ctypes.data, jpeg.size, d, r0, r1 - r0, c0, c1 - c0,
+                            buf.ctypes.data, buf.size, geometry.ctypes.data)
+    if status != 0:
+        out[:] = 0
+        return False
+    x0, width = np.int64(geometry[0]), np.int64(geometry[1])
+    region = buf[:(r1 - r0) * width * 3].reshape(r1 - r0, width, 3)
+    # The crop in decoded pixels; exact when d == 1, else rounded to the scaled grid.
+    y_lo = min(max(int(round(top / d)) - r0, 0), r1 - r0 - 1)
+    y_hi = min(max(int(round((top + h) / d)) - r0, y_lo + 1), r1 - r0)
+    x_lo = min(max(int(round(left / d)) - x0, 0), width - 1)
+    x_hi = min(max(int(round((left + w) / d)) - x0, x_lo + 1), width)
+    _resize_crop(region, y_lo, y_hi, x_lo, x_hi, out)
+    return True

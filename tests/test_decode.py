@@ -1,0 +1,48 @@
+"""Crop-aware decoding against PIL's decode of the whole image."""
+import io
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from conftest import needs_shared
+from helpers import psnr
+from ffcv_dr.beton import BetonFile
+from ffcv_dr.jpeg import dct_scale, decode_crop_resize
+
+pytestmark = needs_shared
+
+
+def test_region_decode_equals_a_full_decode_then_crop(randaug_beton):
+    """Only the needed rows and iMCU columns are decoded, scaled in the IDCT when
+    the crop is twice the output or more; the result stays the crop of the image."""
+    f = BetonFile(randaug_beton)
+    scaled, scores = 0, []
+    for i in range(0, 500, 5):
+        meta = f.image_meta[i]
+        h_img, w_img = int(meta['height']), int(meta['width'])
+        whole = np.array(Image.open(io.BytesIO(f.jpeg(i).tobytes())).convert('RGB'))
+        for size in (224, 64):
+            top, left, h, w = (int(v) for v in f.records(i)[0]['crop'])
+            out = np.empty((size, size, 3), np.uint8)
+            assert decode_crop_resize(np.array(f.jpeg(i)), h_img, w_img, top, left, h, w,
+                                      np.empty(h_img * w_img * 3, np.uint8), out)
+            ref = cv2.resize(whole[top:top + h, left:left + w], (size, size), interpolation=cv2.INTER_AREA)
+            d = dct_scale(h, w, size, size)
+            scaled += d > 1
+            scores.append((psnr(out, ref), d))
+    exact = [s for s, d in scores if d == 1]
+    assert min(exact) > 45, min(exact)  # same libjpeg decode, same OpenCV resize
+    dct = [s for s, d in scores if d > 1]
+    # The scaled crop is snapped to the scaled pixel grid: up to half an output pixel off.
+    assert scaled > 20 and np.median(dct) > 30 and min(dct) > 20, sorted(dct)
+
+
+def test_corrupt_jpeg_gives_a_black_image_not_a_crash(randaug_beton):
+    f = BetonFile(randaug_beton)
+    meta = f.image_meta[0]
+    jpeg = np.array(f.jpeg(0))[:200]
+    out = np.full((32, 32, 3), 7, np.uint8)
+    h, w = int(meta['height']), int(meta['width'])
+    assert not decode_crop_resize(jpeg, h, w, 0, 0, h, w, np.empty(h * w * 3, np.uint8), out)
+    assert not out.any()
