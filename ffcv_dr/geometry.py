@@ -71,13 +71,15 @@ def fresh_flip(seed, epoch, index):
 
 @nb.njit(nogil=True)
 def hflip_inplace(img):
-    h, w = img.shape[0], img.shape[1]
+    h, w, c = img.shape[0], img.shape[1], img.shape[2]
+    a = img.reshape(-1)
     for y in range(h):
-        for x in range(w // 2):
-            for ch in range(img.shape[2]):
-                t = img[y, x, ch]
-                img[y, x, ch] = img[y, w - 1 - x, ch]
-                img[y, w - 1 - x, ch] = t
+        left, right = y * w * c, ((y + 1) * w - 1) * c
+        for _ in range(w // 2):
+            for k in range(c):
+                a[left + k], a[right + k] = a[right + k], a[left + k]
+            left += c
+            right -= c
 
 
 @nb.njit(nogil=True)

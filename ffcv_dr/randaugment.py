@@ -61,42 +61,43 @@ def apply_op(img, scratch, op, magnitude, scale_y, scale_x):
         else:
             m = _inverse_affine(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, shear)
         _affine_nearest(img, scratch, m)
-        img[:] = scratch
+        _copy(scratch, img)
     elif op == TRANSLATE_X or op == TRANSLATE_Y:
         if op == TRANSLATE_X:
             tx, ty = float(round(int(magnitude) * scale_x)), 0.0
         else:
             tx, ty = 0.0, float(round(int(magnitude) * scale_y))
         _affine_nearest(img, scratch, _inverse_affine(w * 0.5, h * 0.5, 0.0, tx, ty, 0.0, 0.0))
-        img[:] = scratch
+        _copy(scratch, img)
     elif op == ROTATE:
         _affine_nearest(img, scratch, _rotation(magnitude, w, h))
-        img[:] = scratch
+        _copy(scratch, img)
     elif op == BRIGHTNESS:
-        _blend_constant(img, 0, 1.0 + magnitude)
+        _apply_lut(img, _blend_lut(0, 1.0 + magnitude))
     elif op == COLOR:
         _blend_gray(img, 1.0 + magnitude)
     elif op == CONTRAST:
-        _blend_constant(img, _gray_mean(img), 1.0 + magnitude)
+        _apply_lut(img, _blend_lut(_gray_mean(img), 1.0 + magnitude))
     elif op == SHARPNESS:
         _smooth(img, scratch)
         _blend_image(img, scratch, 1.0 + magnitude)
     elif op == POSTERIZE:
-        mask = np.uint8((0xFF << (8 - int(magnitude))) & 0xFF)
-        for y in range(h):
-            for x in range(w):
-                for c in range(3):
-                    img[y, x, c] &= mask
+        _apply_lut(img, np.arange(256).astype(np.uint8) & np.uint8((0xFF << (8 - int(magnitude))) & 0xFF))
     elif op == SOLARIZE:
-        for y in range(h):
-            for x in range(w):
-                for c in range(3):
-                    if img[y, x, c] >= magnitude:
-                        img[y, x, c] = 255 - img[y, x, c]
+        lut = np.arange(256).astype(np.uint8)
+        for i in range(256):
+            if i >= magnitude:
+                lut[i] = 255 - i
+        _apply_lut(img, lut)
     elif op == AUTOCONTRAST:
         _apply_luts(img, _autocontrast_luts(_histograms(img)))
     elif op == EQUALIZE:
         _apply_luts(img, _equalize_luts(_histograms(img)))
+
+
+@nb.njit(nogil=True)
+def _copy(src, dst):
+    dst.reshape(-1)[:] = src.reshape(-1)
 
 
 @nb.njit(nogil=True)
@@ -137,21 +138,23 @@ def _fix(v):
 def _affine_nearest(src, dst, m):
     """Pillow's nearest-neighbour affine transform in 16.16 fixed point; fill 0."""
     h, w = src.shape[0], src.shape[1]
+    s, d = src.reshape(-1), dst.reshape(-1)
     a0, a1, a2, a3, a4, a5 = m
     f0, f1, f3, f4 = _fix(a0), _fix(a1), _fix(a3), _fix(a4)
     xo = _fix(a2 + a1 * 0.5 + a0 * 0.5)
     yo = _fix(a5 + a4 * 0.5 + a3 * 0.5)
-    for y in range(h):
+    o = 0
+    for _ in range(h):
         xx, yy = xo, yo
-        for x in range(w):
+        for _ in range(w):
             xi = xx >> 16
             yi = yy >> 16
             if 0 <= xi < w and 0 <= yi < h:
-                for c in range(3):
-                    dst[y, x, c] = src[yi, xi, c]
+                i = (yi * w + xi) * 3
+                d[o], d[o + 1], d[o + 2] = s[i], s[i + 1], s[i + 2]
             else:
-                for c in range(3):
-                    dst[y, x, c] = 0
+                d[o], d[o + 1], d[o + 2] = 0, 0, 0
+            o += 3
             xx += f0
             yy += f3
         xo += f1
@@ -162,90 +165,101 @@ def _affine_nearest(src, dst, m):
 def _blend(degenerate, value, factor):
     """Pillow's ImagingBlend of one value: float32 arithmetic, clipped, truncated."""
     v = np.float32(degenerate) + factor * np.float32(np.int32(value) - np.int32(degenerate))
-    if v <= 0:
-        return np.uint8(0)
-    if v >= 255:
-        return np.uint8(255)
-    return np.uint8(v)
+    return np.uint8(min(max(v, np.float32(0.0)), np.float32(255.0)))
 
 
 @nb.njit(nogil=True)
-def _blend_constant(img, degenerate, factor):
+def _blend_lut(degenerate, factor):
+    """The blend towards a constant as a lookup table (it depends on the value only)."""
     f = np.float32(factor)
-    for y in range(img.shape[0]):
-        for x in range(img.shape[1]):
-            for c in range(3):
-                img[y, x, c] = _blend(degenerate, img[y, x, c], f)
+    lut = np.empty(256, np.uint8)
+    for i in range(256):
+        lut[i] = _blend(degenerate, i, f)
+    return lut
+
+
+@nb.njit(nogil=True)
+def _apply_lut(img, lut):
+    flat = img.reshape(-1)
+    for i in range(flat.size):
+        flat[i] = lut[flat[i]]
 
 
 @nb.njit(nogil=True)
 def _blend_image(img, degenerate, factor):
     f = np.float32(factor)
-    for y in range(img.shape[0]):
-        for x in range(img.shape[1]):
-            for c in range(3):
-                img[y, x, c] = _blend(degenerate[y, x, c], img[y, x, c], f)
+    a, d = img.reshape(-1), degenerate.reshape(-1)
+    for i in range(a.size):
+        a[i] = _blend(d[i], a[i], f)
 
 
 @nb.njit(nogil=True, inline='always')
-def _luma(px):
+def _luma(r, g, b):
     """Pillow's RGB -> L conversion (ITU-R 601-2 in 16-bit fixed point)."""
-    return (np.int64(px[0]) * 19595 + np.int64(px[1]) * 38470
-            + np.int64(px[2]) * 7471 + 0x8000) >> 16
+    return (np.int32(r) * 19595 + np.int32(g) * 38470 + np.int32(b) * 7471 + 0x8000) >> 16
 
 
 @nb.njit(nogil=True)
 def _blend_gray(img, factor):
     f = np.float32(factor)
-    for y in range(img.shape[0]):
-        for x in range(img.shape[1]):
-            gray = _luma(img[y, x])
-            for c in range(3):
-                img[y, x, c] = _blend(gray, img[y, x, c], f)
+    a = img.reshape(-1)
+    for i in range(0, a.size, 3):
+        gray = _luma(a[i], a[i + 1], a[i + 2])
+        a[i] = _blend(gray, a[i], f)
+        a[i + 1] = _blend(gray, a[i + 1], f)
+        a[i + 2] = _blend(gray, a[i + 2], f)
 
 
 @nb.njit(nogil=True)
 def _gray_mean(img):
     """ImageEnhance.Contrast's degenerate level: the rounded mean of the L image."""
+    a = img.reshape(-1)
     total = 0
-    for y in range(img.shape[0]):
-        for x in range(img.shape[1]):
-            total += _luma(img[y, x])
-    return int(total / (img.shape[0] * img.shape[1]) + 0.5)
+    for i in range(0, a.size, 3):
+        total += _luma(a[i], a[i + 1], a[i + 2])
+    return int(total / (a.size // 3) + 0.5)
+
+
+_K = np.float32(1.0 / 13.0)
+_K5 = np.float32(5.0 / 13.0)
+_TIMES_K = np.arange(256).astype(np.float32) * _K     # float32 products, as Pillow's
+_TIMES_K5 = np.arange(256).astype(np.float32) * _K5
 
 
 @nb.njit(nogil=True)
 def _smooth(img, out):
     """ImageFilter.SMOOTH (3x3, centre 5, divisor 13) in float32, rounded;
-    border pixels are copied, as Pillow does."""
-    h, w = img.shape[0], img.shape[1]
-    out[:] = img
-    k = np.float32(1.0 / 13.0)
-    k5 = np.float32(5.0 / 13.0)
+    border pixels are copied, as Pillow does. The sums keep Pillow's order
+    (row below, centre row, row above; left to right), so results are exact."""
+    h, n = img.shape[0], img.shape[1] * 3
+    flat = img.reshape(h, n)
+    dst = out.reshape(h, n)
+    dst[:] = flat
+    pk = np.empty((h, n), np.float32)
+    pk5 = np.empty(n, np.float32)
+    for y in range(h):
+        for i in range(n):
+            pk[y, i] = _TIMES_K[flat[y, i]]
     for y in range(1, h - 1):
-        for x in range(1, w - 1):
-            for c in range(3):
-                ss = np.float32(0.0)
-                for dy in (1, 0, -1):
-                    centre = k5 if dy == 0 else k
-                    ss += (np.float32(img[y + dy, x - 1, c]) * k
-                           + np.float32(img[y + dy, x, c]) * centre
-                           + np.float32(img[y + dy, x + 1, c]) * k)
-                if ss <= 0:
-                    out[y, x, c] = 0
-                elif ss >= 255:
-                    out[y, x, c] = 255
-                else:
-                    out[y, x, c] = np.uint8(math.floor(ss + np.float32(0.5)))
+        below, row, above = pk[y + 1], pk[y], pk[y - 1]
+        for i in range(n):
+            pk5[i] = _TIMES_K5[flat[y, i]]
+        for i in range(3, n - 3):
+            ss = below[i - 3] + below[i] + below[i + 3]
+            ss += row[i - 3] + pk5[i] + row[i + 3]
+            ss += above[i - 3] + above[i] + above[i + 3]
+            # floor(ss + 0.5) clipped to 0..255 (truncation is floor here: the value is >= 0)
+            dst[y, i] = np.uint8(min(max(ss + np.float32(0.5), np.float32(0.0)), np.float32(255.0)))
 
 
 @nb.njit(nogil=True)
 def _histograms(img):
     hist = np.zeros((3, 256), np.int64)
-    for y in range(img.shape[0]):
-        for x in range(img.shape[1]):
-            for c in range(3):
-                hist[c, img[y, x, c]] += 1
+    a = img.reshape(-1)
+    for i in range(0, a.size, 3):
+        hist[0, a[i]] += 1
+        hist[1, a[i + 1]] += 1
+        hist[2, a[i + 2]] += 1
     return hist
 
 
@@ -305,7 +319,8 @@ def _equalize_luts(hist):
 
 @nb.njit(nogil=True)
 def _apply_luts(img, luts):
-    for y in range(img.shape[0]):
-        for x in range(img.shape[1]):
-            for c in range(3):
-                img[y, x, c] = luts[c, img[y, x, c]]
+    a = img.reshape(-1)
+    for i in range(0, a.size, 3):
+        a[i] = luts[0, a[i]]
+        a[i + 1] = luts[1, a[i + 1]]
+        a[i + 2] = luts[2, a[i + 2]]

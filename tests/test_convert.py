@@ -98,6 +98,10 @@ def test_pickle_that_runs_code_is_refused_and_does_not_run(tmp_path):
     (lambda s: s[1][2]['prob'][1].__setitem__(0, 1000), r'class ids must be integers in 0\.\.999'),
     (lambda s: s[1][2]['params'].__setitem__(0, (0, 0, 5000, 10)), 'outside'),
     (lambda s: s[1].pop(), 'has 7 reinforcements'),
+    (lambda s: s[1][2]['prob'][1].__setitem__(1, s[1][2]['prob'][1][0]), r'reinforcement 2\): class ids repeat'),
+    (lambda s: s[1][2]['prob'][0].__setitem__(0, '0.5'), r'reinforcement 2\): expected 10 probabilities'),
+    (lambda s: s[1][2]['params'].__setitem__(2, [(14, 0.5), (0, 0.0)]), r'reinforcement 2\): bad RandAugment op'),
+    (lambda s: s[1][2]['params'].__setitem__(1, None), r'reinforcement 2\): flip must be a bool'),
 ])
 def test_bad_reinforcements_fail_naming_the_file_and_leave_nothing(tmp_path, corrupt, message):
     mldr = link_mldr_copy(tmp_path / 'reinforced_data', RANDAUG)
