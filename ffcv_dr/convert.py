@@ -107,6 +107,10 @@ def read_jpeg(path, width, height, passthrough, max_resolution):
     return np.frombuffer(buf.getvalue(), np.uint8), new_w, new_h
 
 
+# Images per work item of FFCV's writer; its default (100) leaves workers idle
+# at the end of small datasets.
+WRITER_CHUNK = 16
+
 _PARSE_STATE = {}
 
 
@@ -259,7 +263,8 @@ def convert(images_dir: str, output: str, mldr: str, num_workers: int = None,
         writer = DatasetWriter(tmp_output, {'image': ReinforcedImageField(recipe),
                                             'target': SoftTargetField(recipe),
                                             'label': IntField()}, num_workers=num_workers)
-        writer.from_indexed_dataset(_Samples(images, probes, source, max_resolution, error_path))
+        writer.from_indexed_dataset(_Samples(images, probes, source, max_resolution, error_path),
+                                    chunksize=WRITER_CHUNK)
         if os.path.exists(error_path):
             with open(error_path) as f:
                 errors = f.read().splitlines()
