@@ -37,7 +37,7 @@ from ffcv.writer import DatasetWriter
 from PIL import Image
 
 from .beton import BetonFile
-from .convert import WRITER_CHUNK
+from .convert import WRITER_CHUNK, convert
 from .format import RA_OPS
 from .mldr import load_pickle
 
@@ -215,7 +215,6 @@ def ffcv_writer_rate(images, path, workers) -> float:
 
 def run(beton: str, out_dir: str, workers: int = None, batch_size: int = 64,
         epochs: int = 5, repeats: int = 3) -> dict:
-    from .convert import convert
     from .pipelines import Loader
     workers = workers or os.cpu_count()
     f = BetonFile(beton)
