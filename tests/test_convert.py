@@ -138,3 +138,21 @@ def test_cli_info_and_replay(randaug_beton, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / 'r')) == ['3_1.png', '9_0.png']
     assert main(['convert', IMAGES, str(tmp_path / 'x.beton'), '--mldr', str(tmp_path / 'nope')]) == 1
     assert 'nope: no such file' in capsys.readouterr().err
+
+
+def test_bench_inputs_round_trip(randaug_beton, tmp_path):
+    """The ml-dr folder `ffcv-dr bench` writes from a .beton converts back to the
+    same records: the baselines it feeds read what the .beton holds."""
+    from ffcv_dr.bench import write_mldr_folder
+    f = BetonFile(randaug_beton)
+    images, mldr = write_mldr_folder(f, str(tmp_path))
+    out = str(tmp_path / 'again.beton')
+    convert(images, out, mldr, num_workers=2, num_classes=f.recipe.num_classes)
+    g = BetonFile(out)
+    classes = sorted({f.label(i) for i in range(len(f))})  # folders are numbered by label
+    for i in range(0, 500, 7):
+        assert g.label(i) == classes.index(f.label(i)) and np.array_equal(g.jpeg(i), f.jpeg(i))
+        assert g.records(i).tobytes() == f.records(i).tobytes()
+        for a, b in zip(g.topk(i), f.topk(i)):  # same (class, probability) pairs, any order
+            assert dict(zip(a['cls'].tolist(), a['prob'].tolist())) == \
+                pytest.approx(dict(zip(b['cls'].tolist(), b['prob'].tolist())), abs=1e-3)
