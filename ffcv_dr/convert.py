@@ -226,54 +226,73 @@ class _Samples:
         return (np.zeros(0, np.uint8), 1, 1, 1, 1, records), (label, topk), label
 
 
+def probe_images(images: ImageList, max_resolution, num_workers):
+    """(width, height, passthrough) of every image, read from headers in parallel."""
+    with mp.get_context('fork').Pool(num_workers) as pool:
+        probes = []
+        for path, probe, error in tqdm(pool.imap(_probe_image, [(p, max_resolution) for p in images.paths],
+                                                 chunksize=64), total=len(images.paths),
+                                       desc='reading image headers', unit='img'):
+            if error:
+                raise ConvertError(error)
+            probes.append(probe)
+    for path, (w, h, _) in zip(images.paths, probes):
+        if max(w, h) > 65535 and not max_resolution:
+            raise ConvertError(f'{path}: {w}x{h} is too large to store; pass --max-resolution')
+    return probes
+
+
+def image_sizes(probes) -> ImageSizes:
+    return ImageSizes(np.array([p[0] for p in probes], np.int64), np.array([p[1] for p in probes], np.int64))
+
+
+def write_beton(output, images: ImageList, probes, source, scratch, num_workers, max_resolution):
+    """Write the .beton under ``scratch`` and move it to ``output`` once complete.
+    ``source.get(i)`` gives image i's (reinforcement records, top-k records)."""
+    tmp_output = os.path.join(scratch, os.path.basename(output))
+    recipe = source.recipe
+    error_path = os.path.join(scratch, 'errors.txt')
+    writer = DatasetWriter(tmp_output, {'image': ReinforcedImageField(recipe),
+                                        'target': SoftTargetField(recipe),
+                                        'label': IntField()}, num_workers=num_workers)
+    writer.from_indexed_dataset(_Samples(images, probes, source, max_resolution, error_path),
+                                chunksize=WRITER_CHUNK)
+    if os.path.exists(error_path):
+        with open(error_path) as f:
+            errors = f.read().splitlines()
+        more = f' (and {len(errors) - 1} more)' if len(errors) > 1 else ''
+        raise ConvertError(errors[0] + more)
+    os.replace(tmp_output, output)
+    return {'output': output, 'images': len(images.paths), 'recipe': recipe,
+            'class_space': images.class_space, 're_encoded': int(sum(not p[2] for p in probes))}
+
+
+def output_dir(output: str) -> str:
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise ConvertError(f'{output}: the directory {out_dir} does not exist')
+    return out_dir
+
+
 def convert(images_dir: str, output: str, mldr: str, num_workers: int = None,
             max_resolution: int = None, num_classes: int = None) -> dict:
     """Write ``output`` from an ImageFolder and ml-dr reinforcements (dir or archive)."""
     num_workers = num_workers or os.cpu_count()
     images = list_images(images_dir, num_classes)
     n = len(images.paths)
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise ConvertError(f'{output}: the directory {out_dir} does not exist')
+    out_dir = output_dir(output)
     if not os.path.exists(mldr):
         raise ConvertError(f'{mldr}: no such file or directory')
-
-    with mp.get_context('fork').Pool(num_workers) as pool:
-        probes = []
-        for path, probe, error in tqdm(pool.imap(_probe_image, [(p, max_resolution) for p in images.paths],
-                                                 chunksize=64), total=n, desc='reading image headers',
-                                       unit='img'):
-            if error:
-                raise ConvertError(error)
-            probes.append(probe)
-    sizes = ImageSizes(np.array([p[0] for p in probes], np.int64), np.array([p[1] for p in probes], np.int64))
-    for path, (w, h, _) in zip(images.paths, probes):
-        if max(w, h) > 65535 and not max_resolution:
-            raise ConvertError(f'{path}: {w}x{h} is too large to store; pass --max-resolution')
-
+    probes = probe_images(images, max_resolution, num_workers)
+    sizes = image_sizes(probes)
     scratch = tempfile.mkdtemp(prefix='.ffcv-dr-', dir=out_dir)
-    tmp_output = os.path.join(scratch, os.path.basename(output))
     try:
         if os.path.isdir(mldr):
             source = DirectorySource(mldr, n, images.num_classes, sizes)
         else:
             source = TarSource(mldr, n, images.num_classes, sizes, scratch, num_workers)
-        recipe = source.recipe
-        error_path = os.path.join(scratch, 'errors.txt')
-        writer = DatasetWriter(tmp_output, {'image': ReinforcedImageField(recipe),
-                                            'target': SoftTargetField(recipe),
-                                            'label': IntField()}, num_workers=num_workers)
-        writer.from_indexed_dataset(_Samples(images, probes, source, max_resolution, error_path),
-                                    chunksize=WRITER_CHUNK)
-        if os.path.exists(error_path):
-            with open(error_path) as f:
-                errors = f.read().splitlines()
-            more = f' (and {len(errors) - 1} more)' if len(errors) > 1 else ''
-            raise ConvertError(errors[0] + more)
-        os.replace(tmp_output, output)
+        return write_beton(output, images, probes, source, scratch, num_workers, max_resolution)
     except MldrError as e:
         raise ConvertError(str(e)) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {'output': output, 'images': n, 'recipe': recipe, 'class_space': images.class_space,
-            're_encoded': int(sum(not p[2] for p in probes))}
