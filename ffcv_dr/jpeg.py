@@ -18,7 +18,7 @@ _decode_region.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ct
 _resize_crop = nb.njit(nogil=True)(resize_crop)
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def dct_scale(crop_h, crop_w, out_h, out_w):
     """The largest libjpeg scale denominator (1, 2, 4, 8) that keeps the crop
     at least as large as the output."""
@@ -28,7 +28,7 @@ def dct_scale(crop_h, crop_w, out_h, out_w):
     return d
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def decode_crop_resize(jpeg, img_h, img_w, top, left, h, w, buf, out):
     """out <- the box (top, left, h, w) of the JPEG (an img_h x img_w image)
     resized to out's shape. ``buf`` holds img_h * img_w * 3 bytes. Returns

@@ -6,6 +6,11 @@ fixed point (``affine_fixed`` in Geometry.c), blends truncate in float32
 (``ImagingBlend``), the smoothing filter rounds (``ImagingFilter3x3``) and
 the histogram ops build the lookup tables of ``ImageOps``. Magnitudes are
 the stored ones: already signed and scaled, as ml-dr keeps them.
+
+All replay kernels set ``fastmath=False`` explicitly: FFCV compiles decoders
+with ``fastmath=True`` and numba passes that flag on to called functions that
+leave it unset, which moves roundings (AutoContrast's table, blends, crop
+draws) away from Pillow's and from ``ffcv-dr replay``.
 """
 import math
 
@@ -36,7 +41,7 @@ def magnitude_table(height: int, width: int, magnitude: int = 9, num_bins: int =
     return mags, signed
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def draw_ops(mags, signed, seed, epoch, index, stream, ops, out_mags):
     """Fill ``ops``/``out_mags`` as RandAugment.forward draws them: a uniform op,
     its table magnitude, negated on a coin flip when the op is signed."""
@@ -49,7 +54,7 @@ def draw_ops(mags, signed, seed, epoch, index, stream, ops, out_mags):
         out_mags[k] = m
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def apply_op(img, scratch, op, magnitude, scale_y, scale_x):
     """Apply one op to ``img`` in place; ``scratch`` has img's shape.
     ``scale_y``/``scale_x`` map stored translations to this image's pixels."""
@@ -95,12 +100,12 @@ def apply_op(img, scratch, op, magnitude, scale_y, scale_x):
         _apply_luts(img, _equalize_luts(_histograms(img)))
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _copy(src, dst):
     dst.reshape(-1)[:] = src.reshape(-1)
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _inverse_affine(cx, cy, angle, tx, ty, shear_x, shear_y):
     """torchvision's inverse affine matrix (output -> input pixel), as F.affine
     hands it to Pillow; angles in degrees, scale 1."""
@@ -117,7 +122,7 @@ def _inverse_affine(cx, cy, angle, tx, ty, shear_x, shear_y):
     return m0, m1, m2, m3, m4, m5
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _rotation(angle, width, height):
     """Pillow's ``Image.rotate`` matrix about the image centre (torchvision's
     F.rotate on PIL images calls it)."""
@@ -129,12 +134,12 @@ def _rotation(angle, width, height):
             -sin, cos, -sin * -cx + cos * -cy + cy)
 
 
-@nb.njit(nogil=True, inline='always')
+@nb.njit(nogil=True, fastmath=False, inline='always')
 def _fix(v):
     return np.int64(math.floor(v * 65536.0 + 0.5))
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _affine_nearest(src, dst, m):
     """Pillow's nearest-neighbour affine transform in 16.16 fixed point; fill 0."""
     h, w = src.shape[0], src.shape[1]
@@ -161,14 +166,14 @@ def _affine_nearest(src, dst, m):
         yo += f4
 
 
-@nb.njit(nogil=True, inline='always')
+@nb.njit(nogil=True, fastmath=False, inline='always')
 def _blend(degenerate, value, factor):
     """Pillow's ImagingBlend of one value: float32 arithmetic, clipped, truncated."""
     v = np.float32(degenerate) + factor * np.float32(np.int32(value) - np.int32(degenerate))
     return np.uint8(min(max(v, np.float32(0.0)), np.float32(255.0)))
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _blend_lut(degenerate, factor):
     """The blend towards a constant as a lookup table (it depends on the value only)."""
     f = np.float32(factor)
@@ -178,14 +183,14 @@ def _blend_lut(degenerate, factor):
     return lut
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _apply_lut(img, lut):
     flat = img.reshape(-1)
     for i in range(flat.size):
         flat[i] = lut[flat[i]]
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _blend_image(img, degenerate, factor):
     f = np.float32(factor)
     a, d = img.reshape(-1), degenerate.reshape(-1)
@@ -193,13 +198,13 @@ def _blend_image(img, degenerate, factor):
         a[i] = _blend(d[i], a[i], f)
 
 
-@nb.njit(nogil=True, inline='always')
+@nb.njit(nogil=True, fastmath=False, inline='always')
 def _luma(r, g, b):
     """Pillow's RGB -> L conversion (ITU-R 601-2 in 16-bit fixed point)."""
     return (np.int32(r) * 19595 + np.int32(g) * 38470 + np.int32(b) * 7471 + 0x8000) >> 16
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _blend_gray(img, factor):
     f = np.float32(factor)
     a = img.reshape(-1)
@@ -210,7 +215,7 @@ def _blend_gray(img, factor):
         a[i + 2] = _blend(gray, a[i + 2], f)
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _gray_mean(img):
     """ImageEnhance.Contrast's degenerate level: the rounded mean of the L image."""
     a = img.reshape(-1)
@@ -226,7 +231,7 @@ _TIMES_K = np.arange(256).astype(np.float32) * _K     # float32 products, as Pil
 _TIMES_K5 = np.arange(256).astype(np.float32) * _K5
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _smooth(img, out):
     """ImageFilter.SMOOTH (3x3, centre 5, divisor 13) in float32, rounded;
     border pixels are copied, as Pillow does. The sums keep Pillow's order
@@ -252,7 +257,7 @@ def _smooth(img, out):
             dst[y, i] = np.uint8(min(max(ss + np.float32(0.5), np.float32(0.0)), np.float32(255.0)))
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _histograms(img):
     hist = np.zeros((3, 256), np.int64)
     a = img.reshape(-1)
@@ -263,7 +268,7 @@ def _histograms(img):
     return hist
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _identity_luts():
     luts = np.empty((3, 256), np.uint8)
     for c in range(3):
@@ -272,7 +277,7 @@ def _identity_luts():
     return luts
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _autocontrast_luts(hist):
     """ImageOps.autocontrast (no cutoff): stretch each channel's [min, max]."""
     luts = _identity_luts()
@@ -292,7 +297,7 @@ def _autocontrast_luts(hist):
     return luts
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _equalize_luts(hist):
     """ImageOps.equalize: each channel's cumulative histogram, Pillow's rounding."""
     luts = _identity_luts()
@@ -317,7 +322,7 @@ def _equalize_luts(hist):
     return luts
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _apply_luts(img, luts):
     a = img.reshape(-1)
     for i in range(0, a.size, 3):

@@ -30,7 +30,7 @@ STREAM_FRESH_RA = 50      # fresh RandAugment: two counters per op
 STREAM_FRESH_ERASE = 70   # fresh RandomErasing: coin, then four counters per try
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def splitmix64(x):
     z = np.uint64(x) + _GOLDEN
     z = (z ^ (z >> _S30)) * _M1
@@ -38,7 +38,7 @@ def splitmix64(x):
     return z ^ (z >> _S31)
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def draw(seed, epoch, index, stream):
     """64 random bits, a pure function of its four arguments."""
     h = splitmix64(np.uint64(seed))
@@ -47,13 +47,13 @@ def draw(seed, epoch, index, stream):
     return splitmix64(h ^ np.uint64(stream))
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def uniform(seed, epoch, index, stream):
     """A float64 in [0, 1) from :func:`draw`."""
     return np.float64(draw(seed, epoch, index, stream) >> _S11) * (1.0 / 9007199254740992.0)
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def choose(seed, epoch, index, num_samples, p):
     """The reinforcement sample ``index`` replays this epoch, or -1 for a fresh one."""
     if p < 1.0 and uniform(seed, epoch, index, STREAM_REPLAY) >= p:
@@ -68,7 +68,7 @@ def _address_as_pointer(typingctx, address):
     return types.voidptr(address), codegen
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def read_epoch(address):
     """The epoch stored at ``address`` (a :class:`ReplayClock`'s ``address``)."""
     return nb.carray(_address_as_pointer(address), 1, np.int64)[0]

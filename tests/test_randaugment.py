@@ -110,3 +110,25 @@ def test_op_close_to_torchvision_on_tensors(inputs, op, m):
             assert differs.mean() < 0.01, f'{op} {m}: {differs.mean():.2%} of pixels differ'
         else:
             assert np.abs(got - expected).max() <= 1, f'{op} {m}'
+
+
+def test_kernels_keep_their_arithmetic_inside_ffcvs_fastmath_pipeline():
+    """FFCV compiles decoders with fastmath=True; called from such code, the ops
+    must still round as Pillow does. AutoContrast of a [0, 18] image is a case
+    where a fused or reassociated multiply-add ends one level lower."""
+    import numba as nb
+    from PIL import ImageOps
+
+    op = np.uint8(RA_OPS.index('AutoContrast'))
+
+    @nb.njit(fastmath=True)
+    def inside_ffcv(img, scratch):
+        apply_op(img, scratch, op, np.float32(0.0), 1.0, 1.0)
+
+    rng = np.random.default_rng(0)
+    for hi in range(2, 256):
+        img = rng.integers(0, hi + 1, (16, 16, 3)).astype(np.uint8)
+        img[0, 0], img[0, 1] = 0, hi
+        got = img.copy()
+        inside_ffcv(got, np.empty_like(got))
+        np.testing.assert_array_equal(got, np.asarray(ImageOps.autocontrast(Image.fromarray(img))))

@@ -185,12 +185,12 @@ def temp_size(recipe: Recipe, max_pixels: int, out_shape) -> int:
     return max_pixels * 3 + out * (2 if recipe.mixing else 1)
 
 
-@nb.njit(nogil=True, inline='always')
+@nb.njit(nogil=True, fastmath=False, inline='always')
 def _read_f32(buf, offset):
     return buf[offset:offset + 4].view(np.float32)[0]
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def pair_index(block, j, layout):
     """The image that reinforcement j of this block mixes with, or -1."""
     if not layout.mixing or j < 0:
@@ -201,7 +201,7 @@ def pair_index(block, j, layout):
     return np.int64(read_u16(rec, layout.pair)) | (np.int64(read_u16(rec, layout.pair + 2)) << 16)
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _render_stored(block, meta, rec, view, layout, buf, scratch, out):
     """Decode, crop and resize one stored view into ``out``, then replay the rest."""
     height, width = np.int64(meta['height']), np.int64(meta['width'])
@@ -213,7 +213,7 @@ def _render_stored(block, meta, rec, view, layout, buf, scratch, out):
     replay_view(out, rec, view, layout, scratch)
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def replay_view(out, rec, view, layout, scratch):
     """Flip, RandAugment and RandomErasing of one stored view, applied to its
     resized crop ``out``; ``scratch`` has out's shape."""
@@ -235,7 +235,7 @@ def replay_view(out, rec, view, layout, scratch):
         erase(out, *_scale_out_box(box, sy, sx))
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def replay_mixing(out, paired, rec, layout):
     """MixUp, then CutMix, of ``out`` with the rendered paired image."""
     flags = rec[layout.mix_flags]
@@ -250,7 +250,7 @@ def replay_mixing(out, paired, rec, layout):
         cutmix(out, paired, top, left, top + h, left + w)
 
 
-@nb.njit(nogil=True, inline='always')
+@nb.njit(nogil=True, fastmath=False, inline='always')
 def _scale_out_box(box, sy, sx):
     """A (top, left, height, width) box in recipe-size pixels, at the output size."""
     top, left, h, w = box
@@ -260,7 +260,7 @@ def _scale_out_box(box, sy, sx):
     return t, l, int(round((top + h) * sy)) - t, int(round((left + w) * sx)) - l
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def _render_fresh(block, meta, seed, epoch, index, layout, fresh, buf, scratch, out):
     """A fresh augmentation with the recipe's ops, drawn from (seed, epoch, index)."""
     height, width = np.int64(meta['height']), np.int64(meta['width'])
@@ -280,7 +280,7 @@ def _render_fresh(block, meta, seed, epoch, index, layout, fresh, buf, scratch, 
                                    seed, epoch, index, STREAM_FRESH_ERASE))
 
 
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, fastmath=False)
 def render(block, meta, pair_block, pair_meta, j, seed, epoch, index, temp, out, layout, fresh):
     """Render one sample; the decoder and ``ffcv-dr replay`` both call it, so a
     replayed PNG is exactly what training sees.
