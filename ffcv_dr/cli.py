@@ -85,6 +85,22 @@ def _quickstart(args):
     print(f"ImageNet+ style .beton: {os.path.abspath(result['output'])}")
 
 
+def _reinforce(args):
+    from .reinforce import reinforce
+    result = reinforce(args.images, args.output, teacher=args.teacher, samples=args.samples,
+                       topk=args.topk, recipe=args.recipe, size=args.size, scale=args.scale,
+                       ratio=args.ratio, ra_ops=args.ra_ops, ra_magnitude=args.ra_magnitude,
+                       erase_p=args.erase_p, batch_size=args.batch_size, device=args.device,
+                       seed=args.seed, checkpoints=args.checkpoint or (), chunk=args.chunk,
+                       num_workers=args.workers, max_resolution=args.max_resolution,
+                       pretrained=not args.no_pretrained)
+    if 'recipe' in result and os.path.exists(args.output):
+        r = result['recipe']
+        print(f"wrote {args.output}: {result['images']} images x {r.num_samples} reinforcements, "
+              f"top-{r.topk} of {r.num_classes} classes, teacher {args.teacher} "
+              f"({result['images'] / result['seconds']:.1f} images/s)")
+
+
 def _bench(args):
     from .bench import run
     os.makedirs(args.out, exist_ok=True)
@@ -141,6 +157,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--workers', type=int, default=None)
     p.add_argument('--batch-size', type=int, default=64)
     p.set_defaults(run=_quickstart)
+
+    p = sub.add_parser('reinforce', help='make a reinforced .beton with a teacher (timm or bundled)',
+                       description='Sample N augmentations per image, render them with the '
+                       'loader\'s own kernels, keep the teacher\'s top-k probabilities and write '
+                       'the .beton. Under torchrun each rank takes a share; killed and started '
+                       'again with the same command, it redoes no finished chunk.')
+    p.add_argument('images', help='ImageFolder root (class folders of images)')
+    p.add_argument('output', help='the .beton to write (written only when complete)')
+    p.add_argument('--teacher', default='bundled:efficientnet_lite0',
+                   help='timm model name(s), comma-separated for an ensemble, or bundled:efficientnet_lite0')
+    p.add_argument('--checkpoint', action='append', help='local checkpoint per teacher, in order')
+    p.add_argument('--no-pretrained', action='store_true', help='timm teachers without pretrained weights')
+    p.add_argument('--samples', type=int, default=8, help='reinforcements per image')
+    p.add_argument('--topk', type=int, default=10)
+    p.add_argument('--recipe', default='rrc+ra+re', choices=['rrc', 'rrc+ra+re'])
+    p.add_argument('--size', type=int, default=224, help='output side')
+    p.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='RandomResizedCrop scale')
+    p.add_argument('--ratio', type=float, nargs=2, default=(3 / 4, 4 / 3), help='RandomResizedCrop ratio')
+    p.add_argument('--ra-ops', type=int, default=2, help='RandAugment ops per image')
+    p.add_argument('--ra-magnitude', type=int, default=9, help='RandAugment magnitude bin (of 31)')
+    p.add_argument('--erase-p', type=float, default=0.25, help='RandomErasing probability')
+    p.add_argument('--batch-size', type=int, default=64, help='teacher batch')
+    p.add_argument('--device', default='cpu', help='cpu or cuda (cuda:LOCAL_RANK under torchrun)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--chunk', type=int, default=64, help='images per resumable chunk')
+    p.add_argument('--workers', type=int, default=None, help='render threads / writer processes')
+    p.add_argument('--max-resolution', type=int, default=None,
+                   help='re-encode images whose longer side exceeds this')
+    p.set_defaults(run=_reinforce)
 
     p = sub.add_parser('bench', help='loader and conversion throughput against FFCV and ml-dr',
                        description='Measure, in one run on the images of DATA.beton: A full JPEG '

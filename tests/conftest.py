@@ -48,3 +48,17 @@ def mixing_beton(tmp_path_factory):
     out = str(root / 'mixing.beton')
     convert(str(root / 'images'), out, MIXING, num_workers=2)
     return out
+
+
+@pytest.fixture(scope='session')
+def small_images(tmp_path_factory):
+    """An ImageFolder of the first 12 imagenet-sample images (symlinks)."""
+    if not os.path.isdir(IMAGES):
+        pytest.skip(f'real data not found at {SHARED} (../shared)')
+    from ffcv_dr.convert import list_images
+    root = tmp_path_factory.mktemp('small') / 'images'
+    for path in list_images(IMAGES).paths[:12]:
+        cls = os.path.basename(os.path.dirname(path))
+        os.makedirs(root / cls, exist_ok=True)
+        os.symlink(path, root / cls / os.path.basename(path))
+    return str(root)
