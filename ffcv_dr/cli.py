@@ -101,6 +101,18 @@ def _reinforce(args):
               f"({result['images'] / result['seconds']:.1f} images/s)")
 
 
+def _inspect(args):
+    from .grid import draw_grid
+    indices = draw_grid(args.beton, args.out, indices=args.index, samples=args.samples,
+                        rows=args.rows, seed=args.seed)
+    print(f'wrote {args.out}: images {indices}')
+
+
+def _demo(args):
+    from .demo import run_demo
+    run_demo(args.out, samples=args.samples, workers=args.workers)
+
+
 def _bench(args):
     from .bench import run
     os.makedirs(args.out, exist_ok=True)
@@ -186,6 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--max-resolution', type=int, default=None,
                    help='re-encode images whose longer side exceeds this')
     p.set_defaults(run=_reinforce)
+
+    p = sub.add_parser('inspect', help='draw a grid of replayed reinforcements with teacher labels',
+                       description='Render reinforcements of chosen (or random) images as the '
+                       'loader does, each titled with the teacher\'s top-3 classes.')
+    p.add_argument('beton')
+    p.add_argument('--out', required=True, help='PNG to write')
+    p.add_argument('--index', type=int, action='append', help='image index (repeat); default: random')
+    p.add_argument('--samples', type=int, default=4, help='reinforcements per image')
+    p.add_argument('--rows', type=int, default=6, help='random images when --index is not given')
+    p.add_argument('--seed', type=int, default=0)
+    p.set_defaults(run=_inspect)
+
+    p = sub.add_parser('demo', help='reinforce scikit-image photos with EfficientNet-Lite0, load, draw',
+                       description='The whole chain with no data of yours: photos shipped in '
+                       'scikit-image become a reinforced .beton (bundled EfficientNet-Lite0 teacher), '
+                       'one loader run is timed and a grid of replays with the teacher\'s top-3 '
+                       'ImageNet classes is drawn.')
+    p.add_argument('--out', default='out/demo', help='folder for the images, .beton and grid.png')
+    p.add_argument('--samples', type=int, default=8, help='reinforcements per photo')
+    p.add_argument('--workers', type=int, default=None)
+    p.set_defaults(run=_demo)
 
     p = sub.add_parser('bench', help='loader and conversion throughput against FFCV and ml-dr',
                        description='Measure, in one run on the images of DATA.beton: A full JPEG '

@@ -103,3 +103,14 @@ def test_killed_run_resumes_without_redoing_chunks(one_process, small_images, tm
     assert f'resuming, {len(finished)} of 4 chunks already done' in done.stdout
     same_content(one_process, out)
     assert not os.path.exists(parts)
+
+
+def test_inspect_draws_the_chosen_replays(one_process, tmp_path):
+    from PIL import Image
+    from ffcv_dr.cli import main
+    png = str(tmp_path / 'grid.png')
+    assert main(['inspect', one_process, '--out', png, '--index', '0', '--index', '7',
+                 '--samples', '3']) == 0
+    grid = Image.open(png)
+    assert grid.width > grid.height  # two rows of three replays
+    assert main(['inspect', one_process, '--out', png, '--index', '12']) == 1  # outside 0..11
