@@ -1,0 +1,53 @@
+"""Is `ffcv-dr reinforce` teacher-bound? The teacher's own forward rate on
+pre-made batches against the whole pipeline's (sampling, JPEG reading, loader
+kernels, teacher, top-k, chunk files), measured side by side in one run.
+
+    .venv/bin/python benchmarks/generation.py [--teacher NAME] [--device cuda] [--images N]
+"""
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+from ffcv_dr.convert import list_images
+from ffcv_dr.reinforce import reinforce
+from ffcv_dr.teachers import load_teacher
+
+SAMPLE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'imagenet-sample', 'train')
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--teacher', default='bundled:efficientnet_lite0')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--images', type=int, default=24, help='first N imagenet-sample images')
+    p.add_argument('--samples', type=int, default=8)
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--workers', type=int, default=os.cpu_count())
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, 'images')
+        for path in list_images(SAMPLE).paths[:args.images]:
+            cls = os.path.basename(os.path.dirname(path))
+            os.makedirs(os.path.join(folder, cls), exist_ok=True)
+            os.symlink(os.path.abspath(path), os.path.join(folder, cls, os.path.basename(path)))
+        kw = dict(teacher=args.teacher, samples=args.samples, batch_size=args.batch_size,
+                  device=args.device, num_workers=args.workers, chunk=8)
+        reinforce(folder, os.path.join(tmp, 'warmup.beton'), **kw)  # compiles the kernels
+        result = reinforce(folder, os.path.join(tmp, 'timed.beton'), **kw)
+        pipeline = result['images'] * args.samples / result['seconds']
+        teacher = load_teacher(args.teacher, device=args.device)
+        batch = torch.randint(0, 256, (args.batch_size, 224, 224, 3), dtype=torch.uint8)
+        teacher.probs(batch, args.batch_size, args.device)
+        start, reps = time.perf_counter(), 3
+        for _ in range(reps):
+            teacher.probs(batch, args.batch_size, args.device)
+        alone = reps * args.batch_size / (time.perf_counter() - start)
+    print(f'teacher {args.teacher} on {args.device}: {alone:.1f} images/s alone, whole pipeline '
+          f'{pipeline:.1f} reinforcements/s, ratio {pipeline / alone:.2f}')
+
+
+if __name__ == '__main__':
+    main()
