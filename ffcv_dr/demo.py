@@ -43,7 +43,8 @@ def run_demo(out_dir: str = 'out/demo', samples: int = 8, workers: int = None) -
     rate = count / (time.perf_counter() - start)
     grid = os.path.join(out_dir, 'grid.png')
     draw_grid(beton, grid, indices=list(range(len(PHOTOS))), samples=4)
-    print(f'reinforced {len(PHOTOS)} photos x {samples} with EfficientNet-Lite0 '
-          f'({result["images"] / result["seconds"]:.1f} images/s); loader: {rate:.0f} images/s')
+    print(f'reinforced {len(PHOTOS)} photos x {samples} with EfficientNet-Lite0 in '
+          f'{result["seconds"]:.0f} s (the first run includes compiling the kernels); '
+          f'loader: {rate:.0f} images/s')
     print(f'wrote {beton} and {grid}')
     return {'beton': beton, 'grid': grid, 'loader_images_per_s': rate}
