@@ -40,6 +40,7 @@ from .beton import BetonFile
 from .convert import WRITER_CHUNK, convert
 from .format import RA_OPS
 from .mldr import load_pickle
+from .pipelines import epoch_rate, epoch_rates
 
 _imdecode = nb.njit(nogil=True)(imdecode)
 RSS_EPOCHS = 20
@@ -73,18 +74,6 @@ def _rss() -> tuple:
     """(current, peak) resident set size of this process, in bytes."""
     status = dict(line.split(':', 1) for line in open('/proc/self/status'))
     return int(status['VmRSS'].split()[0]) * 1024, int(status['VmHWM'].split()[0]) * 1024
-
-
-def _epoch_rate(loader) -> float:
-    start, count = time.perf_counter(), 0
-    for batch in loader:
-        count += len(batch[0])
-    return count / (time.perf_counter() - start)
-
-
-def _epochs(loader, epochs: int) -> list:
-    """Images/s of each epoch after a warm-up one."""
-    return [_epoch_rate(loader) for _ in range(epochs + 1)][1:]
 
 
 @nb.njit(nogil=True)
@@ -230,18 +219,18 @@ def run(beton: str, out_dir: str, workers: int = None, batch_size: int = 64,
         images, mldr = write_mldr_folder(f, tmp)
 
         res['A_full_decode'] = full_decode_rate(f, workers, repeats)
-        res['B_ffcv_rrc'] = _epochs(plain_ffcv_loader(plain, batch_size, workers, size), RSS_EPOCHS - 1)
+        res['B_ffcv_rrc'] = epoch_rates(plain_ffcv_loader(plain, batch_size, workers, size), RSS_EPOCHS - 1)
         loader = Loader(beton, batch_size=batch_size, num_workers=workers, seed=0)
         rates, rss = [], []
         for _ in range(RSS_EPOCHS):
-            rates.append(_epoch_rate(loader))
+            rates.append(epoch_rate(loader))
             rss.append(_rss()[0])
         res['C_ffcv_dr'] = rates[1:]  # the first epoch compiles and warms up
         res['rss_after_first_epoch'], res['rss_after_last_epoch'] = rss[0], rss[-1]
         res['rss_growth'] = rss[-1] / rss[0] - 1
         res['peak_rss'] = _rss()[1]
         dataset = MldrStyleDataset(images, mldr, f.recipe.num_classes, size)
-        res['D_mldr_design'] = _epochs(torch.utils.data.DataLoader(
+        res['D_mldr_design'] = epoch_rates(torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
             persistent_workers=True), epochs)
         convert_rates, writer_rates = [], []

@@ -5,7 +5,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 
 def _convert(args):
@@ -69,19 +68,15 @@ def _info(args):
 def _quickstart(args):
     from ffcv.loader import OrderOption
     from .convert import convert
-    from .pipelines import Loader
+    from .pipelines import Loader, epoch_rates
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     result = convert(args.images, args.output, args.mldr, num_workers=args.workers)
     loader = Loader(args.output, batch_size=args.batch_size, num_workers=args.workers or -1,
                     order=OrderOption.RANDOM, seed=0)
-    for _ in loader:  # the first epoch compiles the pipeline
-        pass
-    start, count = time.perf_counter(), 0
-    for images, targets in loader:
-        count += images.shape[0]
-    rate = count / (time.perf_counter() - start)
-    print(f"loaded one epoch: {count} images {tuple(images.shape[1:])} with soft targets "
-          f"{tuple(targets.shape[1:])} at {rate:.0f} images/s")
+    rate, = epoch_rates(loader, 1)
+    r = result['recipe']
+    print(f"loaded one epoch: {len(loader) * args.batch_size} images ({r.size}, {r.size}, 3) with "
+          f"soft targets ({r.num_classes},) at {rate:.0f} images/s")
     print(f"ImageNet+ style .beton: {os.path.abspath(result['output'])}")
 
 

@@ -4,7 +4,6 @@ EfficientNet-Lite0, load an epoch, draw the grid."""
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 from PIL import Image
@@ -26,7 +25,7 @@ def write_photos(root: str) -> str:
 def run_demo(out_dir: str = 'out/demo', samples: int = 8, workers: int = None) -> dict:
     from ffcv.loader import OrderOption
     from .grid import draw_grid
-    from .pipelines import Loader
+    from .pipelines import Loader, epoch_rates
     from .reinforce import reinforce
     os.makedirs(out_dir, exist_ok=True)
     images = write_photos(os.path.join(out_dir, 'images'))
@@ -34,13 +33,7 @@ def run_demo(out_dir: str = 'out/demo', samples: int = 8, workers: int = None) -
     result = reinforce(images, beton, teacher='bundled:efficientnet_lite0', samples=samples,
                        topk=10, recipe='rrc+ra+re', batch_size=32, num_workers=workers, chunk=4)
     loader = Loader(beton, batch_size=4, num_workers=workers or -1, order=OrderOption.RANDOM)
-    for _ in loader:  # compiles
-        pass
-    start, count = time.perf_counter(), 0
-    for epoch in range(5):
-        for batch in loader:
-            count += len(batch[0])
-    rate = count / (time.perf_counter() - start)
+    rate = float(np.median(epoch_rates(loader, 5)))
     grid = os.path.join(out_dir, 'grid.png')
     draw_grid(beton, grid, indices=list(range(len(PHOTOS))), samples=4)
     print(f'reinforced {len(PHOTOS)} photos x {samples} with EfficientNet-Lite0 in '

@@ -34,19 +34,25 @@ def randaug_targz(tmp_path_factory):
     return str(path)
 
 
+def first_images(root, n: int) -> str:
+    """An ImageFolder at ``root`` of symlinks to the first ``n`` imagenet-sample images."""
+    from ffcv_dr.convert import list_images
+    for path in list_images(IMAGES).paths[:n]:
+        cls = os.path.basename(os.path.dirname(path))
+        os.makedirs(root / cls, exist_ok=True)
+        os.symlink(path, root / cls / os.path.basename(path))
+    return str(root)
+
+
 @pytest.fixture(scope='session')
 def mixing_beton(tmp_path_factory):
     """Images 0..63 (all the mixing fixture covers) + the MixUp/CutMix recipe."""
     if not os.path.isdir(IMAGES):
         pytest.skip(f'real data not found at {SHARED} (../shared)')
-    from ffcv_dr.convert import convert, list_images
+    from ffcv_dr.convert import convert
     root = tmp_path_factory.mktemp('mixing')
-    for path in list_images(IMAGES).paths[:64]:
-        cls = os.path.basename(os.path.dirname(path))
-        os.makedirs(root / 'images' / cls, exist_ok=True)
-        os.symlink(path, root / 'images' / cls / os.path.basename(path))
     out = str(root / 'mixing.beton')
-    convert(str(root / 'images'), out, MIXING, num_workers=2)
+    convert(first_images(root / 'images', 64), out, MIXING, num_workers=2)
     return out
 
 
@@ -55,10 +61,4 @@ def small_images(tmp_path_factory):
     """An ImageFolder of the first 12 imagenet-sample images (symlinks)."""
     if not os.path.isdir(IMAGES):
         pytest.skip(f'real data not found at {SHARED} (../shared)')
-    from ffcv_dr.convert import list_images
-    root = tmp_path_factory.mktemp('small') / 'images'
-    for path in list_images(IMAGES).paths[:12]:
-        cls = os.path.basename(os.path.dirname(path))
-        os.makedirs(root / cls, exist_ok=True)
-        os.symlink(path, root / cls / os.path.basename(path))
-    return str(root)
+    return first_images(tmp_path_factory.mktemp('small') / 'images', 12)

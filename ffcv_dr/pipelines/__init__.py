@@ -1,6 +1,7 @@
 """Ready-made pipelines and the Loader for training from an ffcv-dr ``.beton``."""
 from __future__ import annotations
 
+import time
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -74,3 +75,16 @@ class Loader(ffcv.loader.Loader):
     def __iter__(self):
         self.clock.set_epoch(self.next_epoch)
         return super().__iter__()
+
+
+def epoch_rate(loader) -> float:
+    """Images/s of one full epoch of ``loader``."""
+    start, count = time.perf_counter(), 0
+    for batch in loader:
+        count += len(batch[0])
+    return count / (time.perf_counter() - start)
+
+
+def epoch_rates(loader, epochs: int) -> list:
+    """Images/s of ``epochs`` epochs after a warm-up one (which compiles the pipeline)."""
+    return [epoch_rate(loader) for _ in range(epochs + 1)][1:]
