@@ -88,7 +88,9 @@ def _reinforce(args):
                        erase_p=args.erase_p, batch_size=args.batch_size, device=args.device,
                        seed=args.seed, checkpoints=args.checkpoint or (), chunk=args.chunk,
                        num_workers=args.workers, max_resolution=args.max_resolution,
-                       pretrained=not args.no_pretrained)
+                       pretrained=not args.no_pretrained,
+                       mixup=(args.mixup_p, args.mixup_alpha, args.mixup_div),
+                       cutmix=(args.cutmix_p, args.cutmix_alpha))
     if 'recipe' in result and os.path.exists(args.output):
         r = result['recipe']
         print(f"wrote {args.output}: {result['images']} images x {r.num_samples} reinforcements, "
@@ -178,13 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--no-pretrained', action='store_true', help='timm teachers without pretrained weights')
     p.add_argument('--samples', type=int, default=8, help='reinforcements per image')
     p.add_argument('--topk', type=int, default=10)
-    p.add_argument('--recipe', default='rrc+ra+re', choices=['rrc', 'rrc+ra+re'])
+    p.add_argument('--recipe', default='rrc+ra+re',
+                   choices=['rrc', 'rrc+ra+re', 'rrc+mix', 'rrc+ra+re+mix'],
+                   help='RandomResizedCrop+flip, + RandAugment and RandomErasing, + MixUp/CutMix')
     p.add_argument('--size', type=int, default=224, help='output side')
     p.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='RandomResizedCrop scale')
     p.add_argument('--ratio', type=float, nargs=2, default=(3 / 4, 4 / 3), help='RandomResizedCrop ratio')
     p.add_argument('--ra-ops', type=int, default=2, help='RandAugment ops per image')
     p.add_argument('--ra-magnitude', type=int, default=9, help='RandAugment magnitude bin (of 31)')
     p.add_argument('--erase-p', type=float, default=0.25, help='RandomErasing probability')
+    p.add_argument('--mixup-p', type=float, default=0.5, help='MixUp probability (+mix recipes)')
+    p.add_argument('--mixup-alpha', type=float, default=1.0, help='MixUp Beta(alpha, alpha)')
+    p.add_argument('--mixup-div', type=float, default=2.0,
+                   help="MixUp's lam is divided by this (ml-dr's div_by)")
+    p.add_argument('--cutmix-p', type=float, default=0.5, help='CutMix probability (+mix recipes)')
+    p.add_argument('--cutmix-alpha', type=float, default=1.0, help='CutMix Beta(alpha, alpha)')
     p.add_argument('--batch-size', type=int, default=64, help='teacher batch')
     p.add_argument('--device', default='cpu', help='cpu or cuda (cuda:LOCAL_RANK under torchrun)')
     p.add_argument('--seed', type=int, default=0)

@@ -30,7 +30,7 @@ def draw_grid(beton: str, out: str, indices=None, samples: int = 4, rows: int = 
             raise ValueError(f'{beton}: index {i} is outside 0..{len(f) - 1}')
     samples = min(samples, f.recipe.num_samples)
     names = class_names(f.recipe.num_classes)
-    fig, axes = plt.subplots(len(indices), samples, figsize=(2.6 * samples, 2.9 * len(indices)),
+    fig, axes = plt.subplots(len(indices), samples, figsize=(2.6 * samples, 3.1 * len(indices)),
                              squeeze=False)
     for row, i in enumerate(indices):
         for col, j in enumerate(sorted(rng.choice(f.recipe.num_samples, samples, replace=False))):

@@ -32,13 +32,16 @@ from tqdm import tqdm
 from .convert import (ConvertError, list_images, output_dir, probe_images, read_jpeg,
                       write_beton)
 from .fields.reinforced_image import fresh_settings, render, render_layout, temp_size
-from .format import FLIP, HAS_ERASE, HAS_RA, IMAGE_METADATA, Recipe, reinforcement_dtype, topk_dtype
+from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, IMAGE_METADATA,
+                     Recipe, reinforcement_dtype, topk_dtype)
 from .geometry import fresh_flip, random_erasing, random_resized_crop
 from .randaugment import draw_ops
-from .schedule import STREAM_FRESH_ERASE, STREAM_FRESH_RA
+from .schedule import STREAM_FRESH_ERASE, STREAM_FRESH_RA, splitmix64
 from .teachers import load_teacher
 
-RECIPES = ('rrc', 'rrc+ra+re')
+RECIPES = ('rrc', 'rrc+ra+re', 'rrc+mix', 'rrc+ra+re+mix')
+_PAIR_VIEW = np.uint64(0x50414952)   # seed offset of the paired image's view ('PAIR')
+_MIXING = 0x4D4958                   # seed-sequence word of the mixing draws ('MIX')
 
 
 @dataclass(frozen=True)
@@ -59,29 +62,73 @@ class Settings:
     chunk: int
     batch_size: int
     max_resolution: int
+    mixup: tuple = (0.0, 0.0, 1.0)   # (p, alpha, div_by), as ml-dr's MixUp
+    cutmix: tuple = (0.0, 0.0)       # (p, alpha), as ml-dr's CutMix
 
 
-def sample_records(recipe: Recipe, fresh, index: int, orig_w: int, orig_h: int, seed: int):
+def _draw_view(rec, prefix: str, recipe: Recipe, fresh, orig_h: int, orig_w: int, seed, j, index):
+    """Crop, flip, RandAugment and erase of one view, drawn from the schedule at
+    (seed, j, index) with the fresh-sample kernels."""
+    rec[prefix + 'crop'] = random_resized_crop(orig_h, orig_w, fresh.scale_lo, fresh.scale_hi,
+                                               fresh.ratio_lo, fresh.ratio_hi, seed, j, index)
+    flags = FLIP if fresh_flip(seed, j, index) else 0
+    if recipe.ra_ops:
+        ops = np.empty(recipe.ra_ops, np.uint8)
+        mags = np.empty(recipe.ra_ops, np.float32)
+        draw_ops(fresh.ra_mags, fresh.ra_signed, seed, j, index, STREAM_FRESH_RA, ops, mags)
+        rec[prefix + 'ra_op'], rec[prefix + 'ra_mag'] = ops, mags
+        flags |= HAS_RA
+    if recipe.erase:
+        box = random_erasing(recipe.size, recipe.size, fresh.erase_p, seed, j, index,
+                             STREAM_FRESH_ERASE)
+        if box[2]:
+            rec[prefix + 'erase'] = box
+            flags |= HAS_ERASE
+    rec[prefix + 'flags'] = flags
+
+
+def _draw_mixing(rec, settings: Settings, num_images: int, size: int, seed, j, index) -> int:
+    """MixUp and CutMix as ml-dr draws them (each with its own coin; lam of
+    MixUp divided by div_by; CutMix's box from its lam, clipped to the image).
+    Returns the paired image, or -1 when neither applies. ml-dr pairs images
+    inside a generation batch; here the partner is drawn from the whole
+    dataset, so the file does not depend on batching or the number of ranks."""
+    rng = np.random.default_rng([int(seed), j, index, _MIXING])
+    (mix_p, mix_alpha, div_by), (cut_p, cut_alpha) = settings.mixup, settings.cutmix
+    flags = 0
+    if mix_alpha > 0 and rng.random() < mix_p:
+        rec['mixup_lam'] = rng.beta(mix_alpha, mix_alpha) / div_by
+        flags |= HAS_MIXUP
+    if cut_alpha > 0 and rng.random() < cut_p:
+        lam = rng.beta(cut_alpha, cut_alpha)
+        cut = int(size * np.sqrt(1.0 - lam))
+        cy, cx = rng.integers(size), rng.integers(size)
+        rec['cutmix_lam'] = lam
+        rec['cutmix_box'] = np.clip([cy - cut // 2, cx - cut // 2, cy + cut // 2, cx + cut // 2],
+                                    0, size)
+        flags |= HAS_CUTMIX
+    if not flags:
+        return -1
+    rec['pair'] = rng.integers(num_images)
+    rec['mix_flags'] = flags | HAS_PAIR
+    return int(rec['pair'])
+
+
+def sample_records(recipe: Recipe, settings: Settings, fresh, index: int, sizes, seed):
     """N reinforcement records for image ``index``: reinforcement j draws from
-    the schedule at (seed, j, index), with the fresh-sample kernels."""
+    the schedule at (seed, j, index), with the fresh-sample kernels; in mixing
+    recipes the paired image's view draws from a seed derived from ``seed``.
+    ``sizes`` holds the original (width, height) of every image."""
     records = np.zeros(recipe.num_samples, reinforcement_dtype(recipe))
-    ops = np.empty(recipe.ra_ops, np.uint8)
-    mags = np.empty(recipe.ra_ops, np.float32)
+    orig_w, orig_h = sizes[index]
+    pair_seed = splitmix64(seed ^ _PAIR_VIEW)
     for j, rec in enumerate(records):
-        rec['crop'] = random_resized_crop(orig_h, orig_w, fresh.scale_lo, fresh.scale_hi,
-                                          fresh.ratio_lo, fresh.ratio_hi, seed, j, index)
-        flags = FLIP if fresh_flip(seed, j, index) else 0
-        if recipe.ra_ops:
-            draw_ops(fresh.ra_mags, fresh.ra_signed, seed, j, index, STREAM_FRESH_RA, ops, mags)
-            rec['ra_op'], rec['ra_mag'] = ops, mags
-            flags |= HAS_RA
-        if recipe.erase:
-            box = random_erasing(recipe.size, recipe.size, fresh.erase_p, seed, j, index,
-                                 STREAM_FRESH_ERASE)
-            if box[2]:
-                rec['erase'] = box
-                flags |= HAS_ERASE
-        rec['flags'] = flags
+        _draw_view(rec, '', recipe, fresh, orig_h, orig_w, seed, j, index)
+        if recipe.mixing:
+            pair = _draw_mixing(rec, settings, len(sizes), recipe.size, seed, j, index)
+            if pair >= 0:
+                pair_w, pair_h = sizes[pair]
+                _draw_view(rec, 'pair_', recipe, fresh, pair_h, pair_w, pair_seed, j, index)
     return records
 
 
@@ -96,10 +143,18 @@ class _Image:
         self.block = np.concatenate([records.view(np.uint8).reshape(-1), jpeg])
         self.pixels = stored[0] * stored[1]
 
-    def render(self, j, recipe, layout, fresh, seed, out):
-        temp = np.empty(temp_size(recipe, self.pixels, out.shape), np.uint8)
-        render(self.block, self.meta, self.block, self.meta, j, seed, 0, self.index, temp, out,
+    def render(self, j, pair: '_Image', recipe, layout, fresh, seed, out):
+        """Reinforcement j into ``out``; ``pair`` is its paired image (or self)."""
+        temp = np.empty(temp_size(recipe, max(self.pixels, pair.pixels), out.shape), np.uint8)
+        render(self.block, self.meta, pair.block, pair.meta, j, seed, 0, self.index, temp, out,
                layout, fresh)
+
+
+def _pairs(records) -> np.ndarray:
+    """The paired images of those records that mix."""
+    if 'mix_flags' not in records.dtype.names:
+        return np.zeros(0, np.int64)
+    return records['pair'][records['mix_flags'] & HAS_PAIR != 0]
 
 
 def _world(device: str):
@@ -160,14 +215,19 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), ra_ops: int = 2, ra_magnitude: int = 9,
               erase_p: float = 0.25, batch_size: int = 64, device: str = 'cpu', seed: int = 0,
               checkpoints=(), chunk: int = 64, num_workers: int = None,
-              max_resolution: int = None, pretrained: bool = True) -> dict:
+              max_resolution: int = None, pretrained: bool = True,
+              mixup=(0.5, 1.0, 2.0), cutmix=(0.5, 1.0)) -> dict:
+    """Reinforce the ImageFolder ``images_dir`` into ``output`` (see the module
+    docstring). ``mixup`` is (p, alpha, div_by) and ``cutmix`` (p, alpha), used
+    by the ``+mix`` recipes; the defaults are ImageNet+'s."""
     if recipe not in RECIPES:
         raise ConvertError(f'recipe {recipe!r} is not supported (choose from {", ".join(RECIPES)})')
     num_workers = num_workers or os.cpu_count()
     settings = Settings(teacher, tuple(checkpoints), recipe, samples, topk, size, tuple(scale),
                         tuple(ratio), ra_ops if '+ra' in recipe else 0, ra_magnitude,
                         erase_p if '+re' in recipe else 0.0, seed, chunk, batch_size,
-                        max_resolution or 0)
+                        max_resolution or 0, *((tuple(mixup), tuple(cutmix)) if '+mix' in recipe
+                                               else ()))
     rank, world = _world(device)
     if device == 'cuda':
         device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
@@ -179,7 +239,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     model = load_teacher(teacher, checkpoints, pretrained, device)
     num_classes = int(model(torch.zeros(1, size, size, 3, dtype=torch.uint8, device=device)).shape[-1])
     rec = Recipe(num_samples=samples, topk=topk, num_classes=num_classes,
-                 ra_ops=settings.ra_ops, erase='+re' in recipe, size=size)
+                 ra_ops=settings.ra_ops, erase='+re' in recipe, mixing='+mix' in recipe, size=size)
     fresh = fresh_settings(rec, (size, size), scale, ratio, ra_magnitude, settings.erase_p)
     layout, key = render_layout(rec), np.uint64(seed)
     parts = _parts_dir(output, settings, rank, world)
@@ -192,19 +252,31 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
                desc=f'reinforcing ({world} process{"es" if world > 1 else ""})', disable=rank != 0)
     per_group = max(1, batch_size // samples)  # images rendered together: about one batch
     start = time.perf_counter()
+    sizes = [probe[:2] for probe in probes]
     with ThreadPoolExecutor(num_workers) as pool:
-        def load(i):
+        def load(i, sampled=True):
             w, h, passthrough = probes[i]
             jpeg, sw, sh = read_jpeg(images.paths[i], w, h, passthrough, max_resolution)
-            return _Image(i, jpeg, (w, h), (sw, sh), sample_records(rec, fresh, i, w, h, key))
+            records = (sample_records(rec, settings, fresh, i, sizes, key) if sampled
+                       else np.zeros(samples, reinforcement_dtype(rec)))  # only its JPEG is used
+            return _Image(i, jpeg, (w, h), (sw, sh), records)
 
         for c in todo:
             records, tops = [], []
             for g in range(c * chunk, min((c + 1) * chunk, n), per_group):
                 group = list(pool.map(load, range(g, min(g + per_group, (c + 1) * chunk, n))))
+                pairs = {im.index: im for im in group}
+                wanted = sorted({int(p) for im in group for p in _pairs(im.records)} - pairs.keys())
+                pairs.update(zip(wanted, pool.map(lambda i: load(i, sampled=False), wanted)))
+
+                def draw(kj):
+                    im, j = group[kj // samples], kj % samples
+                    pair = _pairs(im.records[j:j + 1])
+                    im.render(j, pairs[int(pair[0])] if len(pair) else im, rec, layout, fresh,
+                              key, renders[kj])
+
                 renders = np.empty((len(group) * samples, size, size, 3), np.uint8)
-                list(pool.map(lambda kj: group[kj // samples].render(
-                    kj % samples, rec, layout, fresh, key, renders[kj]), range(len(renders))))
+                list(pool.map(draw, range(len(renders))))
                 values, ids = model.probs(torch.from_numpy(renders), batch_size, device).topk(topk, dim=-1)
                 top = np.zeros(len(renders), topk_dtype(rec))
                 top['prob'], top['cls'] = values.numpy().astype(np.float16), ids.numpy()

@@ -14,6 +14,7 @@ from ffcv.loader import OrderOption
 from conftest import needs_shared
 from ffcv_dr import Loader
 from ffcv_dr.beton import BetonFile
+from ffcv_dr.format import HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR
 
 pytestmark = needs_shared
 ARGS = ['--samples', '3', '--chunk', '3', '--batch-size', '8', '--workers', '2', '--seed', '5']
@@ -51,12 +52,21 @@ np.save(sys.argv[2], probs.numpy())
 """
 
 
-def test_stored_topk_is_the_teacher_on_the_loaders_replay(one_process, tmp_path):
-    """The teacher reruns in a fresh process on the loader's images, in batches of
-    the generation's shape (--batch-size 8): see ``Teacher.probs``."""
-    f = BetonFile(one_process)
-    assert f.recipe.num_samples == 3 and f.recipe.ra_ops == 2 and f.recipe.erase
-    loader = Loader(one_process, batch_size=12, num_workers=2, order=OrderOption.SEQUENTIAL,
+@pytest.fixture(scope='module')
+def mixing_process(small_images, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('mix') / 'mix.beton')
+    done = run_cli([small_images, out, '--recipe', 'rrc+ra+re+mix'])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def teacher_on_replay(beton, tmp_path):
+    """(worst |stored - rerun| over the stored top-k, top-1 == label count, the
+    replayed (image, j) pairs) for two epochs of the loader. The teacher reruns
+    in a fresh process on the loader's images, in batches of the generation's
+    shape (--batch-size 8): see ``Teacher.probs``."""
+    f = BetonFile(beton)
+    loader = Loader(beton, batch_size=12, num_workers=2, order=OrderOption.SEQUENTIAL,
                     reinforcement_index=True, labels=True, drop_last=False)
     batches = [[t.clone() for t in batch] for _ in range(2) for batch in loader]
     images, labels, js = (torch.cat([b[k] for b in batches]).numpy() for k in (0, 2, 3))
@@ -70,8 +80,63 @@ def test_stored_topk_is_the_teacher_on_the_loaders_replay(one_process, tmp_path)
         top = f.topk(n % 12)[j]
         worst = max(worst, float(np.abs(probs[n][top['cls']] - top['prob'].astype(np.float32)).max()))
         right += int(top['cls'][np.argmax(top['prob'])] == label)
+    return worst, right, [(n % 12, int(j)) for n, j in enumerate(js)]
+
+
+def test_stored_topk_is_the_teacher_on_the_loaders_replay(one_process, tmp_path):
+    f = BetonFile(one_process)
+    assert f.recipe.num_samples == 3 and f.recipe.ra_ops == 2 and f.recipe.erase
+    worst, right, _ = teacher_on_replay(one_process, tmp_path)
     assert worst <= 2e-3, worst
     assert right >= 12  # a real teacher: its top-1 is mostly the ImageNet label
+
+
+def test_mixed_topk_is_the_teacher_on_the_loaders_mixed_replay(mixing_process, tmp_path):
+    """Mixed samples too: the loader renders the paired image from the file
+    and mixes it exactly as generation did."""
+    f = BetonFile(mixing_process)
+    assert f.recipe.mixing and f.recipe.ra_ops == 2 and f.recipe.erase
+    worst, _, replayed = teacher_on_replay(mixing_process, tmp_path)
+    assert worst <= 2e-3, worst
+    mixed = [(i, j) for i, j in replayed if f.records(i)[j]['mix_flags'] & HAS_PAIR]
+    assert len(mixed) >= 6 and any(f.records(i)[j]['pair'] != i for i, j in mixed)
+
+
+def test_mixing_draws_follow_mldrs_recipe():
+    """MixUp and CutMix each with p 0.5; MixUp lam = Beta(1, 1) / 2; CutMix's
+    box is rand_bbox of its lam; the paired view has its own draws inside the
+    paired image."""
+    from ffcv_dr.fields.reinforced_image import fresh_settings
+    from ffcv_dr.format import Recipe
+    from ffcv_dr.reinforce import Settings, sample_records
+    recipe = Recipe(num_samples=50, topk=5, num_classes=10, ra_ops=2, erase=True, mixing=True)
+    settings = Settings('t', (), 'rrc+ra+re+mix', 50, 5, 224, (0.08, 1), (0.75, 4 / 3), 2, 9,
+                        0.25, 0, 64, 64, 0, (0.5, 1.0, 2.0), (0.5, 1.0))
+    fresh = fresh_settings(recipe, (224, 224))
+    sizes = [(500, 375), (300, 800), (640, 480), (333, 500)] * 10
+    recs = np.concatenate([sample_records(recipe, settings, fresh, i, sizes, np.uint64(3))
+                           for i in range(40)])
+    flags = recs['mix_flags']
+    mixup, cut, paired = (flags & HAS_MIXUP) != 0, (flags & HAS_CUTMIX) != 0, (flags & HAS_PAIR) != 0
+    assert abs(mixup.mean() - 0.5) < 0.05 and abs(cut.mean() - 0.5) < 0.05
+    assert np.array_equal(paired, mixup | cut) and abs((mixup & cut).mean() - 0.25) < 0.05
+    lam = recs['mixup_lam'][mixup]
+    assert lam.min() >= 0 and lam.max() <= 0.5 and abs(lam.mean() - 0.25) < 0.02
+    for rec in recs[cut]:
+        r1, c1, r2, c2 = rec['cutmix_box'].astype(int)
+        side = int(224 * np.sqrt(1 - rec['cutmix_lam']))
+        assert 0 <= r1 <= r2 <= 224 and 0 <= c1 <= c2 <= 224
+        assert r2 - r1 <= 2 * (side // 2) and c2 - c1 <= 2 * (side // 2)
+        assert r2 - r1 == 2 * (side // 2) or r1 == 0 or r2 == 224
+    pairs = recs['pair'][paired]
+    assert pairs.max() < 40 and len(np.unique(pairs)) > 30
+    for rec in recs[paired]:
+        w, h = sizes[rec['pair']]
+        top, left, ch, cw = rec['pair_crop'].astype(int)
+        assert top + ch <= h and left + cw <= w
+    assert not np.array_equal(recs['pair_crop'][paired], recs['crop'][paired])
+    assert abs(((recs['pair_flags'][paired] & HAS_ERASE) != 0).mean() - 0.25) < 0.06
+    assert not recs['pair_flags'][~paired].any() and not recs['mixup_lam'][~mixup].any()
 
 
 def test_torchrun_two_processes_give_the_same_file(one_process, small_images, tmp_path):
