@@ -3,6 +3,9 @@ pre-made batches against the whole pipeline's (sampling, JPEG reading, loader
 kernels, teacher, top-k, chunk files), measured side by side in one run.
 
     .venv/bin/python benchmarks/generation.py [--teacher NAME] [--device cuda] [--images N]
+
+Rendering of the next group of images overlaps the teacher's forward pass, so
+on a GPU the ratio stays near 1 while the CPU threads keep up.
 """
 import argparse
 import os
@@ -22,23 +25,27 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--teacher', default='bundled:efficientnet_lite0')
     p.add_argument('--device', default='cpu')
-    p.add_argument('--images', type=int, default=24, help='first N imagenet-sample images')
+    p.add_argument('--images-dir', default=SAMPLE, help='ImageFolder (default: imagenet-sample)')
+    p.add_argument('--images', type=int, default=24, help='its first N images')
+    p.add_argument('--recipe', default='rrc+ra+re')
+    p.add_argument('--no-pretrained', action='store_true', help='timm teacher, random weights')
     p.add_argument('--samples', type=int, default=8)
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--workers', type=int, default=os.cpu_count())
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, 'images')
-        for path in list_images(SAMPLE).paths[:args.images]:
+        for path in list_images(args.images_dir).paths[:args.images]:
             cls = os.path.basename(os.path.dirname(path))
             os.makedirs(os.path.join(folder, cls), exist_ok=True)
             os.symlink(os.path.abspath(path), os.path.join(folder, cls, os.path.basename(path)))
         kw = dict(teacher=args.teacher, samples=args.samples, batch_size=args.batch_size,
-                  device=args.device, num_workers=args.workers, chunk=8)
+                  device=args.device, num_workers=args.workers, chunk=8, recipe=args.recipe,
+                  pretrained=not args.no_pretrained)
         reinforce(folder, os.path.join(tmp, 'warmup.beton'), **kw)  # compiles the kernels
         result = reinforce(folder, os.path.join(tmp, 'timed.beton'), **kw)
         pipeline = result['images'] * args.samples / result['seconds']
-        teacher = load_teacher(args.teacher, device=args.device)
+        teacher = load_teacher(args.teacher, pretrained=not args.no_pretrained, device=args.device)
         batch = torch.randint(0, 256, (args.batch_size, 224, 224, 3), dtype=torch.uint8)
         teacher.probs(batch, args.batch_size, args.device)
         start, reps = time.perf_counter(), 3

@@ -32,7 +32,7 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
 from ffcv.libffcv import imdecode
 from ffcv.loader import Loader as FFCVLoader, OrderOption
-from ffcv.transforms import RandomHorizontalFlip, ToTensor
+from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor
 from ffcv.writer import DatasetWriter
 from PIL import Image
 
@@ -40,7 +40,7 @@ from .beton import BetonFile
 from .convert import WRITER_CHUNK, convert
 from .format import RA_OPS
 from .mldr import load_pickle
-from .pipelines import epoch_rate, epoch_rates
+from .pipelines import epoch_rate, epoch_rates, image_stages
 
 _imdecode = nb.njit(nogil=True)(imdecode)
 RSS_EPOCHS = 20
@@ -113,12 +113,17 @@ def write_plain_beton(f: BetonFile, path: str, workers: int):
                   num_workers=workers).from_indexed_dataset(_StoredJpegs(f))
 
 
-def plain_ffcv_loader(path, batch_size, workers, size):
+def plain_ffcv_loader(path, batch_size, workers, size, device=None):
+    """B: FFCV's own RandomResizedCrop + flip and integer labels, with ffcv-dr's
+    :func:`image_stages` after them."""
+    label = [IntDecoder(), ToTensor()]
+    if device is not None:
+        label += [Squeeze(), ToDevice(torch.device(device), non_blocking=True)]
     return FFCVLoader(path, batch_size=batch_size, num_workers=workers, order=OrderOption.RANDOM,
                       drop_last=True, custom_fields={'image': RGBImageField},
                       pipelines={'image': [RandomResizedCropRGBImageDecoder((size, size)),
-                                           RandomHorizontalFlip(), ToTensor()],
-                                 'label': [IntDecoder(), ToTensor()]})
+                                           RandomHorizontalFlip(), *image_stages(device)],
+                                 'label': label})
 
 
 def write_mldr_folder(f: BetonFile, root: str):

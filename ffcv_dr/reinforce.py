@@ -251,9 +251,11 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     bar = tqdm(total=sum(min(chunk, n - c * chunk) for c in todo) * world, unit='img',
                desc=f'reinforcing ({world} process{"es" if world > 1 else ""})', disable=rank != 0)
     per_group = max(1, batch_size // samples)  # images rendered together: about one batch
-    start = time.perf_counter()
+    began = time.perf_counter()
     sizes = [probe[:2] for probe in probes]
-    with ThreadPoolExecutor(num_workers) as pool:
+    spans = [(c, g, min(g + per_group, (c + 1) * chunk, n)) for c in todo
+             for g in range(c * chunk, min((c + 1) * chunk, n), per_group)]
+    with ThreadPoolExecutor(num_workers) as pool, ThreadPoolExecutor(1) as ahead:
         def load(i, sampled=True):
             w, h, passthrough = probes[i]
             jpeg, sw, sh = read_jpeg(images.paths[i], w, h, passthrough, max_resolution)
@@ -261,32 +263,42 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
                        else np.zeros(samples, reinforcement_dtype(rec)))  # only its JPEG is used
             return _Image(i, jpeg, (w, h), (sw, sh), records)
 
-        for c in todo:
-            records, tops = [], []
-            for g in range(c * chunk, min((c + 1) * chunk, n), per_group):
-                group = list(pool.map(load, range(g, min(g + per_group, (c + 1) * chunk, n))))
-                pairs = {im.index: im for im in group}
-                wanted = sorted({int(p) for im in group for p in _pairs(im.records)} - pairs.keys())
-                pairs.update(zip(wanted, pool.map(lambda i: load(i, sampled=False), wanted)))
+        def prepare(start, stop):
+            """Images start..stop-1 with their sampled records, and their renders."""
+            group = list(pool.map(load, range(start, stop)))
+            pairs = {im.index: im for im in group}
+            wanted = sorted({int(p) for im in group for p in _pairs(im.records)} - pairs.keys())
+            pairs.update(zip(wanted, pool.map(lambda i: load(i, sampled=False), wanted)))
+            renders = np.empty((len(group) * samples, size, size, 3), np.uint8)
 
-                def draw(kj):
-                    im, j = group[kj // samples], kj % samples
-                    pair = _pairs(im.records[j:j + 1])
-                    im.render(j, pairs[int(pair[0])] if len(pair) else im, rec, layout, fresh,
-                              key, renders[kj])
+            def draw(kj):
+                im, j = group[kj // samples], kj % samples
+                pair = _pairs(im.records[j:j + 1])
+                im.render(j, pairs[int(pair[0])] if len(pair) else im, rec, layout, fresh, key,
+                          renders[kj])
+            list(pool.map(draw, range(len(renders))))
+            return group, renders
 
-                renders = np.empty((len(group) * samples, size, size, 3), np.uint8)
-                list(pool.map(draw, range(len(renders))))
-                values, ids = model.probs(torch.from_numpy(renders), batch_size, device).topk(topk, dim=-1)
-                top = np.zeros(len(renders), topk_dtype(rec))
-                top['prob'], top['cls'] = values.numpy().astype(np.float16), ids.numpy()
-                records += [im.records for im in group]
-                tops.append(top)
-                bar.update(len(group) * world)
-            _save_chunk(os.path.join(parts, f'chunk_{c:06d}.npz'), np.concatenate(records),
-                        np.concatenate(tops))
+        records, tops = [], []
+        pending = ahead.submit(prepare, *spans[0][1:]) if spans else None
+        for s, (c, _, _) in enumerate(spans):
+            group, renders = pending.result()
+            if s + 1 < len(spans):  # on a GPU the next group renders while the teacher runs
+                pending = ahead.submit(prepare, *spans[s + 1][1:])
+                if device == 'cpu':  # on the CPU the teacher needs every core
+                    pending.result()
+            values, ids = model.probs(torch.from_numpy(renders), batch_size, device).topk(topk, dim=-1)
+            top = np.zeros(len(renders), topk_dtype(rec))
+            top['prob'], top['cls'] = values.numpy().astype(np.float16), ids.numpy()
+            records += [im.records for im in group]
+            tops.append(top)
+            bar.update(len(group) * world)
+            if s + 1 == len(spans) or spans[s + 1][0] != c:
+                _save_chunk(os.path.join(parts, f'chunk_{c:06d}.npz'), np.concatenate(records),
+                            np.concatenate(tops))
+                records, tops = [], []
     bar.close()
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - began
     if world > 1:
         dist.barrier()
     result = {'output': output, 'images': n, 'recipe': rec, 'seconds': elapsed}

@@ -1,6 +1,7 @@
 """The Loader replays what the file stores: same j for image and target, per epoch."""
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 from ffcv.loader import OrderOption
 from PIL import Image
@@ -131,6 +132,22 @@ def test_a_plain_ffcv_loader_reads_the_file(randaug_beton):
             assert js[i] == choose(np.uint64(5), epoch, i, 8, 1.0)
             np.testing.assert_array_equal(images[i].numpy(), f.render(i, int(js[i]), 5, epoch))
             np.testing.assert_allclose(targets[i].numpy(), expected_target(f, i, int(js[i])), atol=1e-6)
+
+
+def test_a_cpu_device_gives_normalised_channels_last_images(randaug_beton):
+    """device='cpu' normalises inside the compiled stage (FFCV 1.0.2 hangs on a
+    compiled, Python, compiled pipeline) and matches the uint8 replay."""
+    from ffcv_dr.pipelines import IMAGENET_MEAN, IMAGENET_STD
+    f = BetonFile(randaug_beton)
+    loader = Loader(randaug_beton, batch_size=4, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    indices=np.arange(4), seed=2, device='cpu', reinforcement_index=True)
+    images, targets, js = next(iter(loader))
+    assert images.dtype == torch.float32 and images.shape == (4, 3, 224, 224)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    for i in range(4):
+        want = (f.render(i, int(js[i]), 2, 0) - IMAGENET_MEAN) / IMAGENET_STD
+        np.testing.assert_allclose(images[i].permute(1, 2, 0).numpy(), want, atol=1e-5)
+        np.testing.assert_allclose(targets[i].numpy(), expected_target(f, i, int(js[i])), atol=1e-6)
 
 
 def test_mixing_loader_reads_the_paired_image(mixing_beton):

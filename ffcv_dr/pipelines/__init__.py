@@ -4,8 +4,9 @@ from __future__ import annotations
 import time
 from typing import Optional, Sequence, Tuple
 
-import numpy as np
 import ffcv.loader
+import numpy as np
+import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.loader import OrderOption
 from ffcv.pipeline import PipelineSpec
@@ -19,26 +20,37 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
 
 
+def image_stages(device=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=np.float16) -> list:
+    """What follows an image decoder: uint8 NHWC CPU tensors without a device;
+    with one, normalised NCHW channels_last images as ffcv-imagenet's
+    ``train_imagenet.py`` makes them (``dtype`` on a GPU, float32 on the CPU,
+    where FFCV's NormalizeImage has no float16 and must run inside the
+    compiled stage: FFCV 1.0.2 hangs building a compiled, Python, compiled
+    pipeline)."""
+    if device is None:
+        return [ToTensor()]
+    device = torch.device(device)  # FFCV's graph needs a torch.device, not a string
+    if device.type == 'cpu':
+        return [NormalizeImage(np.asarray(mean), np.asarray(std), np.float32), ToTensor(),
+                ToTorchImage()]
+    return [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
+            NormalizeImage(np.asarray(mean), np.asarray(std), dtype)]
+
+
 def train_pipelines(clock: ReplayClock, output_size: Optional[Tuple[int, int]] = None,
                     device=None, densify: str = 'smooth', labels: bool = False,
                     reinforcement_index: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                     dtype=np.float16) -> dict:
-    """``pipelines`` for ``ffcv.Loader`` (with ``custom_fields=CUSTOM_FIELDS``).
-
-    Without a device: uint8 NHWC image tensors and float32 targets on the CPU.
-    With one: FFCV's ToDevice/ToTorchImage/NormalizeImage, as ffcv-imagenet's
-    ``train_imagenet.py`` does (normalised ``dtype`` NCHW images, channels_last).
-    """
-    image = [ReinforcedImageDecoder(output_size, clock), ToTensor()]
-    target = [SoftTargetDecoder(clock, densify), ToTensor()]
-    if device is not None:
-        image += [ToDevice(device, non_blocking=True), ToTorchImage(),
-                  NormalizeImage(np.asarray(mean), np.asarray(std), dtype)]
-        target += [ToDevice(device, non_blocking=True)]
-    pipelines = {'image': image, 'target': target, 'label': None}
+    """``pipelines`` for ``ffcv.Loader`` (with ``custom_fields=CUSTOM_FIELDS``):
+    images as :func:`image_stages` gives them, float32 soft targets (and labels)
+    on ``device``."""
+    to_device = [] if device is None else [ToDevice(torch.device(device), non_blocking=True)]
+    pipelines = {'image': [ReinforcedImageDecoder(output_size, clock),
+                           *image_stages(device, mean, std, dtype)],
+                 'target': [SoftTargetDecoder(clock, densify), ToTensor(), *to_device],
+                 'label': None}
     if labels:
-        pipelines['label'] = [IntDecoder(), ToTensor(), Squeeze()] + (
-            [ToDevice(device, non_blocking=True)] if device is not None else [])
+        pipelines['label'] = [IntDecoder(), ToTensor(), Squeeze(), *to_device]
     if reinforcement_index:
         pipelines['reinforcement'] = PipelineSpec(
             'target', decoder=ReinforcementIndexDecoder(clock), transforms=[ToTensor(), Squeeze()])
