@@ -11,6 +11,7 @@
 #include <setjmp.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <jpeglib.h>
 
 struct error_manager {
@@ -75,6 +76,45 @@ int decode_region(const uint8_t *jpeg, uint64_t size, uint32_t denom,
     geometry[1] = w;
     jpeg_destroy_decompress(&cinfo);  /* stops here: the rows below are never decoded */
     return 0;
+}
+
+/* Decode the whole JPEG at 1/8 scale, discarding the pixels, to check it.
+ * dims receives the header's width and height. Returns -1 when libjpeg
+ * gives up, else the number of warnings (corrupt data, premature end of
+ * file: libjpeg decodes through those, padding with grey). */
+int check_jpeg(const uint8_t *jpeg, uint64_t size, uint32_t *dims) {
+    struct jpeg_decompress_struct cinfo;
+    struct error_manager err;
+    JSAMPROW row = NULL;
+    cinfo.err = jpeg_std_error(&err.pub);
+    err.pub.error_exit = on_error;
+    err.pub.output_message = on_message;
+    if (setjmp(err.jump)) {
+        free(row);
+        jpeg_destroy_decompress(&cinfo);
+        return -1;
+    }
+    jpeg_create_decompress(&cinfo);
+    jpeg_mem_src(&cinfo, jpeg, (unsigned long)size);
+    jpeg_read_header(&cinfo, TRUE);
+    dims[0] = cinfo.image_width;
+    dims[1] = cinfo.image_height;
+    cinfo.out_color_space = JCS_RGB;
+    cinfo.scale_num = 1;
+    cinfo.scale_denom = 8;
+    jpeg_start_decompress(&cinfo);
+    row = malloc((size_t)cinfo.output_width * 3);
+    if (row == NULL) {
+        jpeg_destroy_decompress(&cinfo);
+        return -1;
+    }
+    while (cinfo.output_scanline < cinfo.output_height)
+        jpeg_read_scanlines(&cinfo, &row, 1);
+    jpeg_finish_decompress(&cinfo);
+    int warnings = (int)err.pub.num_warnings;
+    free(row);
+    jpeg_destroy_decompress(&cinfo);
+    return warnings;
 }
 
 static struct PyModuleDef module = {

@@ -10,11 +10,21 @@ import sys
 def _convert(args):
     from .convert import convert
     result = convert(args.images, args.output, args.mldr, num_workers=args.workers,
-                     max_resolution=args.max_resolution, num_classes=args.num_classes)
+                     max_resolution=args.max_resolution, num_classes=args.num_classes,
+                     skip_bad=args.skip_bad)
     recipe = result['recipe']
     print(f"wrote {result['output']}: {result['images']} images x {recipe.num_samples} "
           f"reinforcements, top-{recipe.topk} of {recipe.num_classes} classes "
           f"({result['class_space']} labels, {result['re_encoded']} images re-encoded)")
+    _report_skipped(result)
+
+
+def _report_skipped(result):
+    if result['skipped']:
+        print(f"{result['images'] + len(result['skipped'])} images found, {result['images']} written, "
+              f"{len(result['skipped'])} skipped as unreadable:")
+        for path in result['skipped']:
+            print(f'  {path}')
 
 
 def _replay(args):
@@ -90,12 +100,20 @@ def _reinforce(args):
                        num_workers=args.workers, max_resolution=args.max_resolution,
                        pretrained=not args.no_pretrained,
                        mixup=(args.mixup_p, args.mixup_alpha, args.mixup_div),
-                       cutmix=(args.cutmix_p, args.cutmix_alpha))
+                       cutmix=(args.cutmix_p, args.cutmix_alpha), skip_bad=args.skip_bad)
     if 'recipe' in result and os.path.exists(args.output):
         r = result['recipe']
         print(f"wrote {args.output}: {result['images']} images x {r.num_samples} reinforcements, "
               f"top-{r.topk} of {r.num_classes} classes, teacher {args.teacher} "
               f"({result['images'] / result['seconds']:.1f} images/s)")
+        _report_skipped(result)
+
+
+def _verify(args):
+    from .verify import verify
+    report = verify(args.beton, args.workers)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def _inspect(args):
@@ -132,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--workers', type=int, default=None, help='parallel processes (default: all cores)')
     p.add_argument('--max-resolution', type=int, default=None,
                    help='re-encode images whose longer side exceeds this')
+    p.add_argument('--skip-bad', action='store_true',
+                   help='leave out unreadable images (each is reported) instead of stopping')
     p.add_argument('--num-classes', type=int, default=None,
                    help='size of the teacher\'s class space (default: 1000 for ImageNet synset '
                    'folders, else the number of folders)')
@@ -202,7 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--workers', type=int, default=None, help='render threads / writer processes')
     p.add_argument('--max-resolution', type=int, default=None,
                    help='re-encode images whose longer side exceeds this')
+    p.add_argument('--skip-bad', action='store_true',
+                   help='leave out unreadable images (each is reported) instead of stopping')
     p.set_defaults(run=_reinforce)
+
+    p = sub.add_parser('verify', help='check every record of a .beton; exit 1 if anything is wrong',
+                       description='Check every image of a .beton: checksums of JPEGs, records '
+                       'and metadata, record bounds, top-k probabilities, labels and that each '
+                       'JPEG decodes. Prints a summary; exits 1 when something is wrong.')
+    p.add_argument('beton')
+    p.add_argument('--workers', type=int, default=None, help='threads (default: all cores)')
+    p.set_defaults(run=_verify)
 
     p = sub.add_parser('inspect', help='draw a grid of replayed reinforcements with teacher labels',
                        description='Render reinforcements of chosen (or random) images as the '
@@ -244,11 +274,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from .convert import ConvertError
     try:
-        args.run(args)
+        return args.run(args) or 0
     except (ConvertError, ValueError, OSError) as e:
         print(f'ffcv-dr {args.command}: error: {e}', file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == '__main__':

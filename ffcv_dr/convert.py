@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from ffcv.fields import IntField
-from ffcv.writer import DatasetWriter
+from ffcv.utils import chunks
+from ffcv.writer import DatasetWriter, worker_job_indexed_dataset
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .fields import ReinforcedImageField, SoftTargetField
-from .format import reinforcement_dtype, topk_dtype
+from .format import HAS_PAIR, bytes_per_reinforcement, reinforcement_dtype, topk_dtype
 from .mldr import (CONFIG_NAME, ImageSizes, MldrDirectory, MldrError, check_indices,
                    member_index, iter_tar, load_pickle, parse_sample, recipe_from_config)
 
@@ -42,6 +43,11 @@ class ImageList:
     classes: list
     num_classes: int
     class_space: str
+    indices: np.ndarray = None   # ImageFolder index of each image (differs after skipping)
+
+    def __post_init__(self):
+        if self.indices is None:
+            self.indices = np.arange(len(self.paths))
 
 
 def list_images(images_dir: str, num_classes: int = None) -> ImageList:
@@ -78,11 +84,30 @@ def _probe_image(args):
         with Image.open(path) as img:
             width, height = img.size
             passthrough = img.format == 'JPEG' and img.mode in ('RGB', 'L')
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        if passthrough:
+            problem = _truncated_jpeg(path)
+            if problem:
+                return path, None, f'{path}: {problem}'
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         return path, None, f'{path}: unreadable image ({type(e).__name__}: {e})'
     if max_resolution and max(width, height) > max_resolution:
         passthrough = False
     return path, (width, height, passthrough), None
+
+
+def _truncated_jpeg(path):
+    """A problem with a JPEG that does not end in an EOI marker (the mark of an
+    interrupted download), found by decoding it; None otherwise. Whole files
+    are checked only then: a full decode of every image would double the
+    conversion time."""
+    with open(path, 'rb') as f:
+        f.seek(max(os.path.getsize(path) - 64, 0))
+        if b'\xff\xd9' in f.read().rstrip(b'\x00\r\n '):
+            return None
+        f.seek(0)
+        data = f.read()
+    from .jpeg import check_jpeg
+    return check_jpeg(data)[0]
 
 
 def _stored_size(width, height, max_resolution):
@@ -198,52 +223,114 @@ class _Samples:
     wait forever, so failures are recorded in ``error_path`` and a placeholder is
     written instead; the caller checks the file and discards the output."""
 
-    def __init__(self, images: ImageList, probes, source, max_resolution, error_path):
+    def __init__(self, images: ImageList, probes, source, max_resolution, error_path, output):
         self.images, self.probes, self.source = images, probes, source
-        self.max_resolution, self.error_path = max_resolution, error_path
+        self.max_resolution, self.error_path, self.output = max_resolution, error_path, output
         recipe = source.recipe
+        self.position = None  # ImageFolder index -> position in the file, where images were skipped
+        if recipe.mixing and len(images.indices) and images.indices[-1] != len(images.indices) - 1:
+            self.position = np.full(int(images.indices.max()) + 1, -1, np.int64)
+            self.position[images.indices] = np.arange(len(images.indices))
         self.placeholder = (np.zeros(recipe.num_samples, reinforcement_dtype(recipe)),
                             np.zeros(recipe.num_samples, topk_dtype(recipe)))
 
     def __len__(self):
         return len(self.images.paths)
 
+    def fail(self, message: str):
+        with open(self.error_path, 'a') as f:
+            f.write(message.replace('\n', ' ') + '\n')
+
     def __getitem__(self, i):
         label = int(self.images.labels[i])
         if not os.path.exists(self.error_path):
             try:
-                records, topk = self.source.get(i)
+                records, topk = self.source.get(int(self.images.indices[i]))
+                if self.position is not None:
+                    records = records.copy()
+                    paired = (records['mix_flags'] & HAS_PAIR) != 0
+                    records['pair'][paired] = self.position[records['pair'][paired]]
                 width, height, passthrough = self.probes[i]
                 jpeg, w, h = read_jpeg(self.images.paths[i], width, height, passthrough,
                                        self.max_resolution)
                 return (jpeg, width, height, w, h, records), (label, topk), label
             except Exception as e:  # noqa: BLE001 -- see the class docstring
-                message = str(e) if isinstance(e, MldrError) else \
-                    f'{self.images.paths[i]}: {type(e).__name__}: {e}'
-                with open(self.error_path, 'a') as f:
-                    f.write(message.replace('\n', ' ') + '\n')
+                self.fail(str(e) if isinstance(e, MldrError) else
+                          f'{self.images.paths[i]}: {type(e).__name__}: {e}')
         records, topk = self.placeholder
         return (np.zeros(0, np.uint8), 1, 1, 1, 1, records), (label, topk), label
 
 
-def probe_images(images: ImageList, max_resolution, num_workers):
-    """(width, height, passthrough) of every image, read from headers in parallel."""
+class _Writer(DatasetWriter):
+    """FFCV's writer, except that a worker that fails (a full disk, say) records
+    why and releases the main process and the other workers, which FFCV leaves
+    waiting forever."""
+
+    def write(self, samples: '_Samples'):
+        indices = list(enumerate(range(len(samples))))
+        self._write_common(len(indices), chunks(indices, WRITER_CHUNK), _writer_job, (samples,))
+
+
+def _writer_job(input_queue, metadata_sm, metadata_type, fields, allocator, done_number,
+                allocations_queue, samples):
+    try:
+        worker_job_indexed_dataset(input_queue, metadata_sm, metadata_type, fields, allocator,
+                                   done_number, allocations_queue, samples)
+    except Exception as e:  # noqa: BLE001 -- recorded, and the caller raises ConvertError
+        samples.fail(f'{samples.output}: writing failed ({type(e).__name__}: {e})')
+        turn = allocator.next_page_written  # workers write pages in turn, spinning on this
+        with turn.get_lock():
+            if turn.value == allocator.my_page:
+                turn.value += 1  # the failed page's turn passes on
+        with done_number.get_lock():
+            done_number.value = len(samples)  # ends FFCV's progress loop
+        allocations_queue.put([])
+
+
+def _check_free_space(output, scratch, images, probes, recipe, num_workers):
+    """Refuse to start a file that cannot fit: FFCV's writer would fail half-way.
+    Re-encoded images are counted at their original file size."""
+    need = sum(os.path.getsize(p) for p in images.paths) + len(images.paths) * (
+        recipe.num_samples * bytes_per_reinforcement(recipe) + 64) + (num_workers + 2) * (8 << 20)
+    free = shutil.disk_usage(scratch).free
+    if need > free:
+        raise ConvertError(f'{output}: needs about {need / 1e9:.2f} GB, but only {free / 1e9:.2f} GB '
+                           f'are free on {os.path.dirname(os.path.abspath(output))}')
+
+
+def probe_images(images: ImageList, max_resolution, num_workers, skip_bad: bool = False):
+    """(width, height, passthrough) of every image, read from headers in parallel.
+    An unreadable image stops everything, or with ``skip_bad`` is reported and
+    gets None."""
     with mp.get_context('fork').Pool(num_workers) as pool:
         probes = []
         for path, probe, error in tqdm(pool.imap(_probe_image, [(p, max_resolution) for p in images.paths],
                                                  chunksize=64), total=len(images.paths),
                                        desc='reading image headers', unit='img'):
-            if error:
+            if error and not skip_bad:
                 raise ConvertError(error)
+            if error:
+                tqdm.write(f'skipping {error}')
             probes.append(probe)
-    for path, (w, h, _) in zip(images.paths, probes):
-        if max(w, h) > 65535 and not max_resolution:
-            raise ConvertError(f'{path}: {w}x{h} is too large to store; pass --max-resolution')
+    for path, probe in zip(images.paths, probes):
+        if probe and max(probe[:2]) > 65535 and not max_resolution:
+            raise ConvertError(f'{path}: {probe[0]}x{probe[1]} is too large to store; pass --max-resolution')
     return probes
 
 
+def readable(images: ImageList, probes):
+    """The images (and probes) that :func:`probe_images` could read, and the
+    paths of the others."""
+    keep = np.array([p is not None for p in probes], bool)
+    kept = ImageList([p for p, k in zip(images.paths, keep) if k], images.labels[keep],
+                     images.classes, images.num_classes, images.class_space, images.indices[keep])
+    return kept, [p for p in probes if p is not None], [p for p, k in zip(images.paths, keep) if not k]
+
+
 def image_sizes(probes) -> ImageSizes:
-    return ImageSizes(np.array([p[0] for p in probes], np.int64), np.array([p[1] for p in probes], np.int64))
+    """Original sizes by ImageFolder index; 0x0 for skipped images."""
+    return ImageSizes(np.array([p[0] if p else 0 for p in probes], np.int64),
+                      np.array([p[1] if p else 0 for p in probes], np.int64))
 
 
 def write_beton(output, images: ImageList, probes, source, scratch, num_workers, max_resolution):
@@ -252,11 +339,14 @@ def write_beton(output, images: ImageList, probes, source, scratch, num_workers,
     tmp_output = os.path.join(scratch, os.path.basename(output))
     recipe = source.recipe
     error_path = os.path.join(scratch, 'errors.txt')
-    writer = DatasetWriter(tmp_output, {'image': ReinforcedImageField(recipe),
-                                        'target': SoftTargetField(recipe),
-                                        'label': IntField()}, num_workers=num_workers)
-    writer.from_indexed_dataset(_Samples(images, probes, source, max_resolution, error_path),
-                                chunksize=WRITER_CHUNK)
+    _check_free_space(output, scratch, images, probes, recipe, num_workers)
+    writer = _Writer(tmp_output, {'image': ReinforcedImageField(recipe),
+                                  'target': SoftTargetField(recipe),
+                                  'label': IntField()}, num_workers=num_workers)
+    try:
+        writer.write(_Samples(images, probes, source, max_resolution, error_path, output))
+    except OSError as e:
+        raise ConvertError(f'{output}: writing failed ({type(e).__name__}: {e})') from None
     if os.path.exists(error_path):
         with open(error_path) as f:
             errors = f.read().splitlines()
@@ -275,23 +365,26 @@ def output_dir(output: str) -> str:
 
 
 def convert(images_dir: str, output: str, mldr: str, num_workers: int = None,
-            max_resolution: int = None, num_classes: int = None) -> dict:
-    """Write ``output`` from an ImageFolder and ml-dr reinforcements (dir or archive)."""
+            max_resolution: int = None, num_classes: int = None, skip_bad: bool = False) -> dict:
+    """Write ``output`` from an ImageFolder and ml-dr reinforcements (dir or archive).
+    With ``skip_bad``, unreadable images are left out and listed in ``skipped``."""
     num_workers = num_workers or os.cpu_count()
     images = list_images(images_dir, num_classes)
     n = len(images.paths)
     out_dir = output_dir(output)
     if not os.path.exists(mldr):
         raise ConvertError(f'{mldr}: no such file or directory')
-    probes = probe_images(images, max_resolution, num_workers)
+    probes = probe_images(images, max_resolution, num_workers, skip_bad)
     sizes = image_sizes(probes)
+    images, probes, skipped = readable(images, probes)
     scratch = tempfile.mkdtemp(prefix='.ffcv-dr-', dir=out_dir)
     try:
         if os.path.isdir(mldr):
             source = DirectorySource(mldr, n, images.num_classes, sizes)
         else:
             source = TarSource(mldr, n, images.num_classes, sizes, scratch, num_workers)
-        return write_beton(output, images, probes, source, scratch, num_workers, max_resolution)
+        result = write_beton(output, images, probes, source, scratch, num_workers, max_resolution)
+        return {**result, 'skipped': skipped}
     except MldrError as e:
         raise ConvertError(str(e)) from None
     finally:

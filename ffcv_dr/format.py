@@ -1,4 +1,4 @@
-"""The on-disk record format of an ffcv-dr ``.beton`` (format version 1).
+"""The on-disk record format of an ffcv-dr ``.beton`` (format version 2).
 
 Everything is little-endian and fixed-width. A file has three FFCV fields:
 
@@ -6,13 +6,15 @@ Everything is little-endian and fixed-width. A file has three FFCV fields:
     Per-image metadata (``IMAGE_METADATA``): pointer to the data block,
     original width/height (the pixel space of the stored boxes, as in ml-dr),
     stored width/height (differs only where ``--max-resolution`` resized the
-    image) and a CRC32 of the block. The data block is ``num_samples``
+    image) and a CRC32 of those fields and the block (:func:`block_crc`).
+    The data block is ``num_samples``
     reinforcement records (``reinforcement_dtype(recipe)``) followed by the
     JPEG bytes, so the image decoder reads parameters and pixels in one go.
 
 ``target`` (:class:`ffcv_dr.fields.SoftTargetField`)
-    Per-image metadata: pointer and the ground-truth label (needed for the
-    one-hot target of fresh, non-replayed samples). The data block is
+    Per-image metadata: pointer, the ground-truth label (needed for the
+    one-hot target of fresh, non-replayed samples) and a CRC32 of the label
+    and the block. The data block is
     ``num_samples`` top-k records (``topk_dtype(recipe)``): k float16
     probabilities then k uint16 class ids.
 
@@ -47,11 +49,13 @@ reinforcement takes 23 + 40 = 63 bytes.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, asdict
 
 import numpy as np
+from numpy.lib.recfunctions import repack_fields
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: CRC32s cover the metadata fields and the top-k block too
 
 FLIP, HAS_RA, HAS_ERASE = 1, 2, 4
 HAS_PAIR, HAS_MIXUP, HAS_CUTMIX = 1, 2, 4
@@ -83,7 +87,20 @@ IMAGE_METADATA = np.dtype([
 TARGET_METADATA = np.dtype([
     ('data_ptr', '<u8'),
     ('label', '<u4'),
+    ('crc32', '<u4'),
 ])
+
+
+def block_crc(meta, block) -> int:
+    """CRC32 of a metadata row's fields (all but ``data_ptr`` and ``crc32``)
+    followed by its data block: ``ffcv-dr verify`` recomputes it, so a flipped
+    byte in a JPEG, a record or the metadata is caught. ``meta``: one row, as
+    a numpy record or a one-row array (what FFCV's writer passes)."""
+    row = np.asarray(meta).reshape(-1)[:1]
+    names = [n for n in row.dtype.names if n not in ('data_ptr', 'crc32')]
+    fields = repack_fields(row[names]).tobytes()
+    return zlib.crc32(block, zlib.crc32(fields))
+
 
 MAX_CLASSES = 1 << 16
 MAX_SAMPLES = (1 << 16) - 1
@@ -122,7 +139,7 @@ class Recipe:
         version = int(arr['version'])
         if version != FORMAT_VERSION:
             raise ValueError(f'ffcv-dr format version {version} is not supported '
-                             f'(this ffcv-dr reads version {FORMAT_VERSION})')
+                             f'(this ffcv-dr reads version {FORMAT_VERSION}; convert the data again)')
         return cls(num_samples=int(arr['num_samples']), topk=int(arr['topk']),
                    num_classes=int(arr['num_classes']), ra_ops=int(arr['ra_ops']),
                    erase=bool(arr['erase']), mixing=bool(arr['mixing']),

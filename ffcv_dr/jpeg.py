@@ -15,7 +15,20 @@ _decode_region.restype = ctypes.c_int
 _decode_region.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32,
                            ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p,
                            ctypes.c_uint64, ctypes.c_void_p]
+_check_jpeg = _lib.check_jpeg
+_check_jpeg.restype = ctypes.c_int
+_check_jpeg.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_void_p]
 _resize_crop = nb.njit(nogil=True)(resize_crop)
+
+
+def check_jpeg(data: bytes):
+    """(problem or None, width, height) of a JPEG, decoded in full at 1/8
+    scale (ctypes releases the GIL, so threads check in parallel)."""
+    dims = np.zeros(2, np.uint32)
+    status = _check_jpeg(bytes(data), len(data), dims.ctypes.data)
+    problem = ('not a decodable JPEG' if status < 0 else
+               'truncated or corrupt JPEG data' if status > 0 else None)
+    return problem, int(dims[0]), int(dims[1])
 
 
 @nb.njit(nogil=True, fastmath=False)

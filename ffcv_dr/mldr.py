@@ -211,6 +211,10 @@ def _fill_mixing(records, params, recipe, index, sizes: ImageSizes, name):
         if bad.any():
             raise MldrError(f'{name} (reinforcement {_first(bad, rows[paired])}): paired image index is '
                             f'outside 0..{len(sizes.widths) - 1}')
+        bad = sizes.widths[pairs] == 0
+        if bad.any():
+            raise MldrError(f'{name} (reinforcement {_first(bad, rows[paired])}): mixes with image '
+                            f'{pairs[bad][0]}, which was skipped as unreadable')
         views = [p[1:5] for p in params if p[0] is not None]
         for j, v in zip(rows[paired], views):
             if not all(isinstance(x, (list, tuple)) and len(x) == 2 for x in v):

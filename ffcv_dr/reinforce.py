@@ -22,14 +22,14 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .convert import (ConvertError, list_images, output_dir, probe_images, read_jpeg,
+from .convert import (ConvertError, list_images, output_dir, probe_images, read_jpeg, readable,
                       write_beton)
 from .fields.reinforced_image import fresh_settings, render, render_layout, temp_size
 from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, IMAGE_METADATA,
@@ -157,6 +157,11 @@ def _pairs(records) -> np.ndarray:
     return records['pair'][records['mix_flags'] & HAS_PAIR != 0]
 
 
+def _probed(images_dir, max_resolution, num_workers, skip_bad):
+    images = list_images(images_dir)
+    return images, probe_images(images, max_resolution, num_workers, skip_bad)
+
+
 def _world(device: str):
     """(rank, world size): torchrun's when launched by it, else (0, 1)."""
     if dist.is_available() and int(os.environ.get('WORLD_SIZE', '1')) > 1:
@@ -216,10 +221,11 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
               erase_p: float = 0.25, batch_size: int = 64, device: str = 'cpu', seed: int = 0,
               checkpoints=(), chunk: int = 64, num_workers: int = None,
               max_resolution: int = None, pretrained: bool = True,
-              mixup=(0.5, 1.0, 2.0), cutmix=(0.5, 1.0)) -> dict:
+              mixup=(0.5, 1.0, 2.0), cutmix=(0.5, 1.0), skip_bad: bool = False) -> dict:
     """Reinforce the ImageFolder ``images_dir`` into ``output`` (see the module
     docstring). ``mixup`` is (p, alpha, div_by) and ``cutmix`` (p, alpha), used
-    by the ``+mix`` recipes; the defaults are ImageNet+'s."""
+    by the ``+mix`` recipes; the defaults are ImageNet+'s. With ``skip_bad``,
+    unreadable images are left out and listed in ``skipped``."""
     if recipe not in RECIPES:
         raise ConvertError(f'recipe {recipe!r} is not supported (choose from {", ".join(RECIPES)})')
     num_workers = num_workers or os.cpu_count()
@@ -232,9 +238,9 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     if device == 'cuda':
         device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
     out_dir = output_dir(output)
-    images = list_images(images_dir)
+    images, probes, skipped = readable(*_probed(images_dir, max_resolution, num_workers, skip_bad))
     n = len(images.paths)
-    probes = probe_images(images, max_resolution, num_workers)
+    images = replace(images, indices=np.arange(n))  # chunks are indexed by position in the file
     torch.set_num_threads(num_workers)  # importing FFCV sets it to 1
     model = load_teacher(teacher, checkpoints, pretrained, device)
     num_classes = int(model(torch.zeros(1, size, size, 3, dtype=torch.uint8, device=device)).shape[-1])
@@ -301,7 +307,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     elapsed = time.perf_counter() - began
     if world > 1:
         dist.barrier()
-    result = {'output': output, 'images': n, 'recipe': rec, 'seconds': elapsed}
+    result = {'output': output, 'images': n, 'recipe': rec, 'seconds': elapsed, 'skipped': skipped}
     if rank == 0:
         scratch = tempfile.mkdtemp(prefix='.ffcv-dr-', dir=out_dir)
         try:

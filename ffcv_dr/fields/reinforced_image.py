@@ -1,7 +1,6 @@
 """The image field: JPEG bytes with the augmentation parameters of every reinforcement."""
 from __future__ import annotations
 
-import zlib
 from collections import namedtuple
 from dataclasses import replace
 from typing import Callable, Optional, Tuple
@@ -15,7 +14,7 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 
 from ..format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
-                      IMAGE_METADATA, Recipe, field_offset, reinforcement_dtype)
+                      IMAGE_METADATA, Recipe, block_crc, field_offset, reinforcement_dtype)
 from ..geometry import (erase, fresh_flip, hflip_inplace, random_erasing, random_resized_crop,
                         read_u16, scale_box)
 from ..jpeg import decode_crop_resize
@@ -63,7 +62,7 @@ class ReinforcedImageField(Field):
         destination['orig_height'] = orig_h
         destination['width'] = width
         destination['height'] = height
-        destination['crc32'] = zlib.crc32(block)
+        destination['crc32'] = block_crc(destination, block)
 
     def get_decoder_class(self):
         return ReinforcedImageDecoder

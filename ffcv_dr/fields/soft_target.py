@@ -13,7 +13,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 
-from ..format import TARGET_METADATA, Recipe, topk_dtype
+from ..format import TARGET_METADATA, Recipe, block_crc, topk_dtype
 from ..geometry import read_u16
 from ..schedule import ReplayClock, choose, read_epoch
 
@@ -55,6 +55,7 @@ class SoftTargetField(Field):
         block[:] = raw
         destination['data_ptr'] = ptr
         destination['label'] = label
+        destination['crc32'] = block_crc(destination, block)
 
     def get_decoder_class(self):
         return SoftTargetDecoder
