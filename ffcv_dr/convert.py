@@ -29,7 +29,11 @@ from .format import HAS_PAIR, bytes_per_reinforcement, reinforcement_dtype, topk
 from .mldr import (CONFIG_NAME, ImageSizes, MldrDirectory, MldrError, check_indices,
                    member_index, iter_tar, load_pickle, parse_sample, recipe_from_config)
 
-JPEG_QUALITY = 90
+# Re-encodes: images whose format the loader can't take (CMYK, PNG, palette...)
+# keep their detail (4:4:4 chroma, quality 95); images shrunk by
+# --max-resolution get FFCV's own writer settings (quality 90, 4:2:0).
+FORMAT_REENCODE = dict(quality=95, subsampling=0)
+RESIZE_REENCODE = dict(quality=90)
 
 
 class ConvertError(RuntimeError):
@@ -125,10 +129,12 @@ def read_jpeg(path, width, height, passthrough, max_resolution):
     with Image.open(path) as img:
         rgb = np.asarray(img.convert('RGB'))
     new_w, new_h = _stored_size(width, height, max_resolution)
+    settings = FORMAT_REENCODE
     if (new_w, new_h) != (width, height):
         rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        settings = RESIZE_REENCODE
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format='JPEG', quality=JPEG_QUALITY)
+    Image.fromarray(rgb).save(buf, format='JPEG', **settings)
     return np.frombuffer(buf.getvalue(), np.uint8), new_w, new_h
 
 
