@@ -109,6 +109,11 @@ def _reinforce(args):
         _report_skipped(result)
 
 
+def _train(args):
+    from .train import load_config, train
+    train(load_config(args.config, args.set), args.resume)
+
+
 def _verify(args):
     from .verify import verify
     report = verify(args.beton, args.workers)
@@ -225,6 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--skip-bad', action='store_true',
                    help='leave out unreadable images (each is reported) instead of stopping')
     p.set_defaults(run=_reinforce)
+
+    p = sub.add_parser('train', help='train a timm student on a .beton (erm, dr or kd)',
+                       description='Train a timm student from an ffcv-dr .beton: ground-truth '
+                       'labels (erm), the stored soft targets (dr) or an online teacher (kd). '
+                       'Settings: ffcv_dr.train.DEFAULTS, a YAML file, then --set overrides.')
+    p.add_argument('--config', help='YAML file of settings')
+    p.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE',
+                   help='override one setting, e.g. --set train.epochs=8')
+    p.add_argument('--resume', action='store_true', help='continue from OUTPUT/checkpoint.pt')
+    p.set_defaults(run=_train)
 
     p = sub.add_parser('verify', help='check every record of a .beton; exit 1 if anything is wrong',
                        description='Check every image of a .beton: checksums of JPEGs, records '

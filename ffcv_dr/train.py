@@ -1,0 +1,402 @@
+"""``ffcv-dr train --config CONFIG.yaml``: train a timm student from an ffcv-dr ``.beton``.
+
+In the manner of ffcv-imagenet's ``train_imagenet.py``, with three modes:
+
+``erm``  ground-truth labels and cross-entropy (label smoothing), images drawn
+         fresh each epoch from the recipe's own augmentations (``p = 0``);
+``dr``   the stored reinforcements and their soft targets, KL divergence as
+         ml-dr's ReinforcedTrainer (``kl_div(log_softmax(out), target, 'batchmean')``);
+``kd``   fresh images and a teacher run online on them: the cost DR removes.
+
+SGD or AdamW, linear warm-up then cosine or step decay (per iteration), AMP,
+channels_last, optional EMA (timm's ModelEmaV3), DDP under torchrun, a
+progress bar, a checkpoint after every epoch (``--resume`` continues from it)
+and a JSON line per epoch in ``log.jsonl``. Evaluation reports top-1, top-5
+and the expected calibration error (15 bins), and draws a reliability plot.
+
+The validation set is a plain FFCV ``.beton`` (an RGBImageField and an
+IntField) or an ImageFolder, written once into such a file in the output
+folder. Settings: :data:`DEFAULTS`, overridden by the YAML file, then by
+``--set section.key=value``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from ffcv.fields import IntField, RGBImageField
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+from ffcv.loader import Loader as FFCVLoader, OrderOption
+from ffcv.transforms import Squeeze, ToTensor
+from ffcv.writer import DatasetWriter
+from PIL import Image
+from tqdm import tqdm
+
+from .beton import BetonFile
+from .convert import list_images
+from .pipelines import Loader
+
+DEFAULTS = {
+    'data': {
+        'train': None,             # the ffcv-dr .beton
+        'val': None,               # a plain FFCV .beton or an ImageFolder (optional)
+        'workers': os.cpu_count(),
+        'batch_size': 256,         # per process
+        'image_size': None,        # training side; default: the recipe's
+        'val_crop_ratio': 0.875,   # centre crop of the validation images (1.0: whole image)
+        'p': 1.0,                  # dr: probability of a stored reinforcement (ml-dr: 0.99)
+        'os_cache': True,
+        'seed': 0,
+    },
+    'model': {'arch': 'resnet50', 'drop_path': 0.0},
+    'train': {
+        'mode': 'dr',              # erm | dr | kd
+        'epochs': 16,
+        'optimizer': 'sgd',        # sgd | adamw
+        'lr': 0.5,                 # for a global batch of 256, scaled linearly
+        'momentum': 0.9,
+        'weight_decay': 5e-5,
+        'schedule': 'cosine',      # cosine | step
+        'warmup_epochs': 1,
+        'step_epochs': [],         # step: decay by step_gamma at these epochs
+        'step_gamma': 0.1,
+        'label_smoothing': 0.1,    # erm only
+        'amp': True,               # float16 on a GPU, bfloat16 on the CPU
+        'channels_last': True,
+        'ema_decay': 0.0,          # 0: no EMA
+        'teacher': 'bundled:efficientnet_lite0',   # kd only
+        'teacher_checkpoints': [],
+        'teacher_pretrained': True,
+    },
+    'output': {'folder': 'out/train'},
+    'device': None,                # default: cuda when available (cuda:LOCAL_RANK under torchrun)
+}
+MODES = ('erm', 'dr', 'kd')
+ECE_BINS = 15
+
+
+def load_config(path: str = None, overrides=()) -> dict:
+    """DEFAULTS, then the YAML file, then ``section.key=value`` overrides
+    (values parsed as YAML); unknown keys are errors."""
+    cfg = copy.deepcopy(DEFAULTS)
+    items = []
+    if path:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        items += [(k, v) for k, v in loaded.items()]
+    for item in overrides:
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise ValueError(f'--set {item!r}: expected section.key=value')
+        section, _, name = key.partition('.')
+        items.append((section, {name: yaml.safe_load(value)} if name else yaml.safe_load(value)))
+    for section, value in items:
+        if section not in cfg:
+            raise ValueError(f'unknown setting {section!r} (known: {", ".join(cfg)})')
+        if isinstance(cfg[section], dict):
+            unknown = set(value) - set(cfg[section])
+            if unknown:
+                raise ValueError(f'unknown setting {section}.{sorted(unknown)[0]} '
+                                 f'(known: {", ".join(cfg[section])})')
+            cfg[section].update(value)
+        else:
+            cfg[section] = value
+    if cfg['train']['mode'] not in MODES:
+        raise ValueError(f"train.mode must be one of {', '.join(MODES)}, got {cfg['train']['mode']!r}")
+    if not cfg['data']['train']:
+        raise ValueError('data.train: no training .beton given')
+    return cfg
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg_train: dict) -> float:
+    """The schedule at iteration ``step``: linear warm-up, then cosine to 0 or steps."""
+    warmup = cfg_train['warmup_epochs'] * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg_train['schedule'] == 'step':
+        epoch = step // steps_per_epoch
+        return cfg_train['step_gamma'] ** sum(epoch >= e for e in cfg_train['step_epochs'])
+    total = cfg_train['epochs'] * steps_per_epoch
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> torch.Tensor:
+    """Per confidence bin (equal width over the top-1 probability): count, summed
+    confidence and number correct, as a (3, bins) tensor that sums across ranks."""
+    conf, pred = probs.max(1)
+    which = torch.clamp((conf * bins).long(), max=bins - 1)
+    out = torch.zeros(3, bins, dtype=torch.float64, device=probs.device)
+    out[0].index_add_(0, which, torch.ones_like(conf, dtype=torch.float64))
+    out[1].index_add_(0, which, conf.double())
+    out[2].index_add_(0, which, (pred == labels).double())
+    return out
+
+
+def expected_calibration_error(table: torch.Tensor) -> float:
+    count, conf, correct = table
+    n = count.sum()
+    return float((torch.abs(correct - conf)).sum() / n) if n else float('nan')
+
+
+def reliability_plot(table: torch.Tensor, path: str, title: str):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    count, conf, correct = (t.cpu().numpy() for t in table)
+    edges = np.linspace(0, 1, table.shape[1] + 1)
+    acc = np.divide(correct, count, out=np.zeros_like(correct), where=count > 0)
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    ax.bar(edges[:-1], acc, width=np.diff(edges), align='edge', edgecolor='k', label='accuracy')
+    ax.plot([0, 1], [0, 1], 'r--', label='perfect calibration')
+    ax.set(xlabel='confidence', ylabel='accuracy', xlim=(0, 1), ylim=(0, 1),
+           title=f'{title}\nECE {expected_calibration_error(table):.3f}')
+    ax.legend(loc='upper left', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class _Folder:
+    """An ImageFolder as FFCV's writer reads it, labelled like ``convert``."""
+
+    def __init__(self, root):
+        self.images = list_images(root)
+
+    def __len__(self):
+        return len(self.images.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.images.paths[i]) as img:
+            return img.convert('RGB'), int(self.images.labels[i])
+
+
+def val_beton(val: str, folder: str, workers: int, rank: int) -> str:
+    """``val`` itself when it is a file, else the ImageFolder written once into
+    ``folder/val.beton`` (small images raw, larger ones as JPEG quality 95)."""
+    if os.path.isfile(val):
+        return val
+    path = os.path.join(folder, 'val.beton')
+    if rank == 0 and not os.path.exists(path):
+        tmp = path + '.tmp'
+        DatasetWriter(tmp, {'image': RGBImageField(write_mode='smart', smart_threshold=64 * 64 * 3,
+                                                   jpeg_quality=95),
+                            'label': IntField()}, num_workers=workers).from_indexed_dataset(_Folder(val))
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def val_loader(path, batch_size, workers, size, ratio, distributed):
+    return FFCVLoader(path, batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
+                      drop_last=False, distributed=distributed,
+                      pipelines={'image': [CenterCropRGBImageDecoder((size, size), ratio), ToTensor()],
+                                 'label': [IntDecoder(), ToTensor(), Squeeze()]})
+
+
+class Trainer:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.rank, self.world, self.device = _setup_distributed(cfg['device'])
+        d, t = cfg['data'], cfg['train']
+        self.folder = cfg['output']['folder']
+        os.makedirs(self.folder, exist_ok=True)
+        torch.manual_seed(d['seed'])
+        recipe = BetonFile(d['train']).recipe
+        self.size = d['image_size'] or recipe.size
+        p = d['p'] if t['mode'] == 'dr' else 0.0  # erm and kd: fresh augmentations only
+        self.train_loader = Loader(d['train'], d['batch_size'], d['workers'], order=OrderOption.RANDOM,
+                                   distributed=self.world > 1, seed=d['seed'], p=p,
+                                   output_size=(self.size, self.size), labels=True,
+                                   os_cache=d['os_cache'])
+        self.val_loader = None
+        if d['val']:
+            self.val_loader = val_loader(val_beton(d['val'], self.folder, d['workers'], self.rank),
+                                         d['batch_size'], d['workers'], self.size,
+                                         d['val_crop_ratio'], self.world > 1)
+        import timm
+        from timm.data import resolve_data_config
+        extra = {'drop_path_rate': cfg['model']['drop_path']} if cfg['model']['drop_path'] else {}
+        self.model = timm.create_model(cfg['model']['arch'], num_classes=recipe.num_classes, **extra)
+        data_cfg = resolve_data_config({}, model=self.model)
+        self.mean = torch.tensor(data_cfg['mean'], device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(data_cfg['std'], device=self.device).view(1, 3, 1, 1) * 255
+        self.memory_format = torch.channels_last if t['channels_last'] else torch.contiguous_format
+        self.model = self.model.to(self.device, memory_format=self.memory_format)
+        self.ema = None
+        if t['ema_decay']:
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(self.model, decay=t['ema_decay'])
+        self.net = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+        lr = t['lr'] * d['batch_size'] * self.world / 256
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            (no_decay if param.ndim <= 1 else decay).append(param)
+        groups = [{'params': decay, 'weight_decay': t['weight_decay']},
+                  {'params': no_decay, 'weight_decay': 0.0}]
+        if t['optimizer'] == 'sgd':
+            self.opt = torch.optim.SGD(groups, lr=lr, momentum=t['momentum'])
+        elif t['optimizer'] == 'adamw':
+            self.opt = torch.optim.AdamW(groups, lr=lr)
+        else:
+            raise ValueError(f"train.optimizer must be sgd or adamw, got {t['optimizer']!r}")
+        self.base_lr = lr
+        cuda = self.device.type == 'cuda'
+        self.amp_dtype = (torch.float16 if cuda else torch.bfloat16) if t['amp'] else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(t['amp']) and cuda)
+        self.teacher = None
+        if t['mode'] == 'kd':
+            from .teachers import load_teacher
+            self.teacher = load_teacher(t['teacher'], t['teacher_checkpoints'], t['teacher_pretrained'],
+                                        self.device)
+        self.start_epoch = 0
+        self.checkpoint = os.path.join(self.folder, 'checkpoint.pt')
+
+    def _inputs(self, images):
+        """uint8 NHWC from the loader -> normalised NCHW on the device."""
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+    def _loss(self, out, images, targets, labels):
+        mode = self.cfg['train']['mode']
+        if mode == 'erm':
+            return F.cross_entropy(out, labels.to(self.device).long(),
+                                   label_smoothing=self.cfg['train']['label_smoothing'])
+        if mode == 'kd':
+            targets = self.teacher(images.to(self.device, non_blocking=True)).clone()
+        return F.kl_div(F.log_softmax(out, -1), targets.to(self.device, non_blocking=True),
+                        reduction='batchmean')
+
+    def resume(self):
+        if not os.path.exists(self.checkpoint):
+            return
+        state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state['model'])
+        self.opt.load_state_dict(state['opt'])
+        self.scaler.load_state_dict(state['scaler'])
+        if self.ema is not None:
+            self.ema.load_state_dict(state['ema'])
+        torch.set_rng_state(state['rng'])
+        self.start_epoch = state['epoch'] + 1
+        if self.rank == 0:
+            print(f'resuming after epoch {state["epoch"]} from {self.checkpoint}', flush=True)
+
+    def _save(self, epoch):
+        if self.rank != 0:
+            return
+        state = {'model': self.model.state_dict(), 'opt': self.opt.state_dict(),
+                 'scaler': self.scaler.state_dict(), 'epoch': epoch, 'rng': torch.get_rng_state(),
+                 'ema': self.ema.state_dict() if self.ema is not None else None}
+        torch.save(state, self.checkpoint + '.tmp')
+        os.replace(self.checkpoint + '.tmp', self.checkpoint)
+
+    def train_epoch(self, epoch) -> dict:
+        self.net.train()
+        loader, t = self.train_loader, self.cfg['train']
+        loader.next_epoch = epoch  # the replay schedule and the traversal order follow it
+        steps = len(loader)
+        total, count, start = torch.zeros((), device=self.device), 0, time.perf_counter()
+        bar = tqdm(loader, desc=f'epoch {epoch}', unit='batch', disable=self.rank != 0)
+        for k, (images, targets, labels) in enumerate(bar):
+            for group in self.opt.param_groups:
+                group['lr'] = self.base_lr * lr_factor(epoch * steps + k, steps, t)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = self.net(self._inputs(images))
+            loss = self._loss(out.float(), images, targets, labels)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            total += loss.detach()
+            count += len(images)
+            if k % 10 == 0:
+                bar.set_postfix(loss=f'{float(loss.detach()):.3f}', lr=f"{self.opt.param_groups[0]['lr']:.3g}")
+        seconds = time.perf_counter() - start
+        return {'train_loss': float(total) / max(1, steps), 'epoch_seconds': seconds,
+                'train_images_per_s': count * self.world / seconds}
+
+    @torch.no_grad()
+    def evaluate(self, model=None) -> tuple:
+        """(top1, top5, ece, calibration table) over the validation set."""
+        model = model or self.model
+        model.eval()
+        hits = torch.zeros(3, dtype=torch.float64, device=self.device)  # top-1, top-5, count
+        table = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=self.device)
+        for images, labels in self.val_loader:
+            labels = labels.to(self.device).long()
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = model(self._inputs(images))
+            probs = out.float().softmax(-1)
+            top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
+            hits[0] += (top5[:, 0] == labels).sum()
+            hits[1] += (top5 == labels[:, None]).any(1).sum()
+            hits[2] += len(labels)
+            table += calibration(probs, labels)
+        if self.world > 1:
+            dist.all_reduce(hits)
+            dist.all_reduce(table)
+        return float(hits[0] / hits[2]), float(hits[1] / hits[2]), expected_calibration_error(table), table
+
+    def fit(self) -> dict:
+        log = os.path.join(self.folder, 'log.jsonl')
+        record = {}
+        for epoch in range(self.start_epoch, self.cfg['train']['epochs']):
+            record = {'epoch': epoch, 'mode': self.cfg['train']['mode'], **self.train_epoch(epoch)}
+            if self.val_loader is not None:
+                record['top1'], record['top5'], record['ece'], table = self.evaluate()
+                if self.ema is not None:
+                    record['ema_top1'], record['ema_top5'], record['ema_ece'], _ = self.evaluate(self.ema.module)
+            self._save(epoch)
+            if self.rank == 0:
+                with open(log, 'a') as f:
+                    f.write(json.dumps(record) + '\n')
+                print(json.dumps(record), flush=True)
+        if self.rank == 0 and self.val_loader is not None and record:
+            reliability_plot(table, os.path.join(self.folder, 'reliability.png'),
+                             f"{self.cfg['model']['arch']} ({self.cfg['train']['mode']})")
+        return record
+
+
+def _setup_distributed(device):
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    local = int(os.environ.get('LOCAL_RANK', '0'))
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device == 'cuda':
+        device = f'cuda:{local}'
+    device = torch.device(device)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return (dist.get_rank(), dist.get_world_size(), device) if world > 1 else (0, 1, device)
+
+
+def train(cfg: dict, resume: bool = False) -> dict:
+    """Run a whole training; returns the last epoch's log record."""
+    trainer = Trainer(cfg)
+    with open(os.path.join(trainer.folder, 'config.yaml'), 'w') as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    if resume:
+        trainer.resume()
+    return trainer.fit()
+
+
+if __name__ == '__main__':
+    import sys
+    from .cli import main
+    sys.exit(main(['train', *sys.argv[1:]]))

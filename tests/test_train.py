@@ -1,0 +1,109 @@
+"""The training script: its modes run, its metrics are right, a resumed run
+continues exactly where the interrupted one stopped."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_shared
+from ffcv_dr.train import (calibration, expected_calibration_error, load_config, lr_factor,
+                           train)
+
+TINY = ['model.arch=test_efficientnet', 'data.image_size=64', 'data.batch_size=16',
+        'data.workers=2', 'train.epochs=2', 'train.warmup_epochs=0', 'train.lr=0.2',
+        'data.val_crop_ratio=1.0', 'device=cpu']
+
+
+def config(beton, val, folder, *more):
+    return load_config(None, [f'data.train={beton}', f'data.val={val}', f'output.folder={folder}',
+                              *TINY, *more])
+
+
+def read_log(folder):
+    with open(os.path.join(folder, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_ece_is_the_mean_gap_between_confidence_and_accuracy():
+    rng = np.random.default_rng(0)
+    probs = torch.tensor(rng.dirichlet(np.ones(10) * 0.3, 2000))
+    labels = torch.tensor(rng.integers(0, 10, 2000))
+    conf, pred = probs.max(1)
+    ece = 0.0
+    for lo in np.linspace(0, 1, 16)[:-1]:
+        inside = (conf > lo) & (conf <= lo + 1 / 15) if lo else (conf <= 1 / 15)
+        if inside.any():
+            ece += inside.double().mean() * abs((pred[inside] == labels[inside]).double().mean()
+                                                - conf[inside].mean())
+    assert expected_calibration_error(calibration(probs, labels)) == pytest.approx(float(ece), abs=2e-3)
+    perfect = torch.eye(10, dtype=torch.float64)[labels]
+    assert expected_calibration_error(calibration(perfect, labels)) == 0.0
+
+
+def test_schedule_warms_up_then_decays():
+    t = load_config(None, ['data.train=x', 'train.epochs=10', 'train.warmup_epochs=2'])['train']
+    f = [lr_factor(s, 100, t) for s in range(1000)]
+    assert f[0] == pytest.approx(1 / 200) and f[199] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[200:], f[201:])) and f[-1] < 1e-3
+    t.update(schedule='step', step_epochs=[5, 8], warmup_epochs=0)
+    assert [lr_factor(s * 100, 100, t) for s in (4, 5, 8)] == pytest.approx([1, 0.1, 0.01])
+
+
+def test_unknown_settings_are_refused():
+    with pytest.raises(ValueError, match='unknown setting train.epoch'):
+        load_config(None, ['data.train=x', 'train.epoch=3'])
+    with pytest.raises(ValueError, match='train.mode must be one of erm, dr, kd'):
+        load_config(None, ['data.train=x', 'train.mode=distill'])
+
+
+@needs_shared
+def test_dr_training_logs_evaluates_and_resumes_exactly(mixing_beton, small_images, tmp_path):
+    whole = str(tmp_path / 'whole')
+    last = train(config(mixing_beton, small_images, whole))
+    log = read_log(whole)
+    assert [r['epoch'] for r in log] == [0, 1] and last == log[-1]
+    for r in log:
+        assert 0 <= r['top1'] <= r['top5'] <= 1 and 0 <= r['ece'] <= 1 and r['train_loss'] > 0
+    assert os.path.exists(os.path.join(whole, 'reliability.png'))
+    assert os.path.exists(os.path.join(whole, 'val.beton'))
+
+    parts = str(tmp_path / 'parts')  # the same run, killed after its first epoch
+    args = [sys.executable, '-m', 'ffcv_dr.cli', 'train']
+    for item in [f'data.train={mixing_beton}', f'data.val={small_images}', f'output.folder={parts}', *TINY]:
+        args += ['--set', item]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not os.path.exists(os.path.join(parts, 'log.jsonl')):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert [r['epoch'] for r in read_log(parts)] == [0]
+    done = subprocess.run(args + ['--resume'], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 'resuming after epoch 0' in done.stdout
+    assert [r['epoch'] for r in read_log(parts)] == [0, 1]
+    a = torch.load(os.path.join(whole, 'checkpoint.pt'), weights_only=True)['model']
+    b = torch.load(os.path.join(parts, 'checkpoint.pt'), weights_only=True)['model']
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+@needs_shared
+@pytest.mark.parametrize('mode, extra', [
+    ('erm', ['train.optimizer=adamw', 'train.lr=0.002', 'train.ema_decay=0.9']),
+    ('kd', ['train.teacher=test_efficientnet', 'train.teacher_pretrained=false',
+            'train.schedule=step', 'train.step_epochs=[1]']),
+])
+def test_erm_and_kd_modes_train(mixing_beton, small_images, tmp_path, mode, extra):
+    last = train(config(mixing_beton, small_images, str(tmp_path), f'train.mode={mode}',
+                        'train.epochs=1', *extra))
+    assert last['mode'] == mode and np.isfinite(last['train_loss']) and 0 <= last['top1'] <= 1
+    if mode == 'erm':
+        assert 0 <= last['ema_top1'] <= 1
