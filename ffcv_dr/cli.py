@@ -100,7 +100,8 @@ def _reinforce(args):
                        num_workers=args.workers, max_resolution=args.max_resolution,
                        pretrained=not args.no_pretrained,
                        mixup=(args.mixup_p, args.mixup_alpha, args.mixup_div),
-                       cutmix=(args.cutmix_p, args.cutmix_alpha), skip_bad=args.skip_bad)
+                       cutmix=(args.cutmix_p, args.cutmix_alpha), skip_bad=args.skip_bad,
+                       teacher_size=args.teacher_size)
     if 'recipe' in result and os.path.exists(args.output):
         r = result['recipe']
         print(f"wrote {args.output}: {result['images']} images x {r.num_samples} reinforcements, "
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='timm model name(s), comma-separated for an ensemble, or bundled:efficientnet_lite0')
     p.add_argument('--checkpoint', action='append', help='local checkpoint per teacher, in order')
     p.add_argument('--no-pretrained', action='store_true', help='timm teachers without pretrained weights')
+    p.add_argument('--teacher-size', type=int, default=None,
+                   help="side the timm teachers see (default: their pretrained config's; 32 for CIFAR-trained ones)")
     p.add_argument('--samples', type=int, default=8, help='reinforcements per image')
     p.add_argument('--topk', type=int, default=10)
     p.add_argument('--recipe', default='rrc+ra+re',

@@ -49,6 +49,7 @@ class Settings:
     """Everything that determines the output; a resumed run must match it."""
     teacher: str
     checkpoints: tuple
+    teacher_size: int
     recipe: str
     samples: int
     topk: int
@@ -221,15 +222,17 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
               erase_p: float = 0.25, batch_size: int = 64, device: str = 'cpu', seed: int = 0,
               checkpoints=(), chunk: int = 64, num_workers: int = None,
               max_resolution: int = None, pretrained: bool = True,
-              mixup=(0.5, 1.0, 2.0), cutmix=(0.5, 1.0), skip_bad: bool = False) -> dict:
+              mixup=(0.5, 1.0, 2.0), cutmix=(0.5, 1.0), skip_bad: bool = False,
+              teacher_size: int = None) -> dict:
     """Reinforce the ImageFolder ``images_dir`` into ``output`` (see the module
     docstring). ``mixup`` is (p, alpha, div_by) and ``cutmix`` (p, alpha), used
     by the ``+mix`` recipes; the defaults are ImageNet+'s. With ``skip_bad``,
-    unreadable images are left out and listed in ``skipped``."""
+    unreadable images are left out and listed in ``skipped``. ``teacher_size``:
+    the side timm teachers see (default: their pretrained config's)."""
     if recipe not in RECIPES:
         raise ConvertError(f'recipe {recipe!r} is not supported (choose from {", ".join(RECIPES)})')
     num_workers = num_workers or os.cpu_count()
-    settings = Settings(teacher, tuple(checkpoints), recipe, samples, topk, size, tuple(scale),
+    settings = Settings(teacher, tuple(checkpoints), teacher_size or 0, recipe, samples, topk, size, tuple(scale),
                         tuple(ratio), ra_ops if '+ra' in recipe else 0, ra_magnitude,
                         erase_p if '+re' in recipe else 0.0, seed, chunk, batch_size,
                         max_resolution or 0, *((tuple(mixup), tuple(cutmix)) if '+mix' in recipe
@@ -242,7 +245,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     n = len(images.paths)
     images = replace(images, indices=np.arange(n))  # chunks are indexed by position in the file
     torch.set_num_threads(num_workers)  # importing FFCV sets it to 1
-    model = load_teacher(teacher, checkpoints, pretrained, device)
+    model = load_teacher(teacher, checkpoints, pretrained, device, teacher_size)
     num_classes = int(model(torch.zeros(1, size, size, 3, dtype=torch.uint8, device=device)).shape[-1])
     rec = Recipe(num_samples=samples, topk=topk, num_classes=num_classes,
                  ra_ops=settings.ra_ops, erase='+re' in recipe, mixing='+mix' in recipe, size=size)

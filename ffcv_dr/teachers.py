@@ -69,7 +69,7 @@ def _bundled(name: str) -> Member:
     return Member(BUNDLED_PREFIX + name, model, 224, (127 / 255,) * 3, (128 / 255,) * 3)
 
 
-def _timm(name: str, checkpoint: Optional[str], pretrained: bool) -> Member:
+def _timm(name: str, checkpoint: Optional[str], pretrained: bool, input_size: Optional[int]) -> Member:
     import timm
     from timm.data import resolve_data_config
     try:
@@ -78,13 +78,15 @@ def _timm(name: str, checkpoint: Optional[str], pretrained: bool) -> Member:
     except RuntimeError as e:
         raise ValueError(f'teacher {name}: {e}') from None
     cfg = resolve_data_config({}, model=model)
-    return Member(name, model, cfg['input_size'][-1], cfg['mean'], cfg['std'])
+    return Member(name, model, input_size or cfg['input_size'][-1], cfg['mean'], cfg['std'])
 
 
 def load_teacher(spec: str, checkpoints: Sequence[str] = (), pretrained: bool = True,
-                 device='cpu') -> Teacher:
+                 device='cpu', input_size: Optional[int] = None) -> Teacher:
     """``spec``: comma-separated timm model names or ``bundled:efficientnet_lite0``;
-    ``checkpoints``: one local checkpoint path per timm name ('' for none)."""
+    ``checkpoints``: one local checkpoint path per timm name ('' for none);
+    ``input_size``: the side timm members see (default: their pretrained
+    config's), e.g. 32 for teachers trained on CIFAR images."""
     names = [n.strip() for n in spec.split(',') if n.strip()]
     if not names:
         raise ValueError('no teacher given')
@@ -92,5 +94,5 @@ def load_teacher(spec: str, checkpoints: Sequence[str] = (), pretrained: bool = 
     if len(checkpoints) != len(names):
         raise ValueError(f'{len(names)} teachers but {len(checkpoints)} checkpoint paths')
     members = [_bundled(n[len(BUNDLED_PREFIX):]) if n.startswith(BUNDLED_PREFIX)
-               else _timm(n, c, pretrained) for n, c in zip(names, checkpoints)]
+               else _timm(n, c, pretrained, input_size) for n, c in zip(names, checkpoints)]
     return Teacher(members).to(device)

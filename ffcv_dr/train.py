@@ -76,6 +76,7 @@ DEFAULTS = {
         'teacher': 'bundled:efficientnet_lite0',   # kd only
         'teacher_checkpoints': [],
         'teacher_pretrained': True,
+        'teacher_size': None,      # side a timm teacher sees (default: its pretrained config's)
     },
     'output': {'folder': 'out/train'},
     'device': None,                # default: cuda when available (cuda:LOCAL_RANK under torchrun)
@@ -260,7 +261,7 @@ class Trainer:
         if t['mode'] == 'kd':
             from .teachers import load_teacher
             self.teacher = load_teacher(t['teacher'], t['teacher_checkpoints'], t['teacher_pretrained'],
-                                        self.device)
+                                        self.device, t['teacher_size'])
         self.start_epoch = 0
         self.checkpoint = os.path.join(self.folder, 'checkpoint.pt')
 

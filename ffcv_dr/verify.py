@@ -59,7 +59,8 @@ class Report:
         head = f'{self.path}: {self.images} images checked in {self.seconds:.1f} s ({rate:.0f} images/s)'
         if self.ok:
             return head + ', no problems'
-        lines = [head + f', {sum(self.problems.values())} problems:']
+        n = sum(self.problems.values())
+        lines = [head + f', {n} problem{"s" if n != 1 else ""}:']
         lines += [f'  {n} x {kind}' for kind, n in self.problems.most_common()]
         lines += ['first ones:'] + [f'  {m}' for m in self.examples]
         return '\n'.join(lines)

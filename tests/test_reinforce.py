@@ -110,7 +110,7 @@ def test_mixing_draws_follow_mldrs_recipe():
     from ffcv_dr.format import Recipe
     from ffcv_dr.reinforce import Settings, sample_records
     recipe = Recipe(num_samples=50, topk=5, num_classes=10, ra_ops=2, erase=True, mixing=True)
-    settings = Settings('t', (), 'rrc+ra+re+mix', 50, 5, 224, (0.08, 1), (0.75, 4 / 3), 2, 9,
+    settings = Settings('t', (), 0, 'rrc+ra+re+mix', 50, 5, 224, (0.08, 1), (0.75, 4 / 3), 2, 9,
                         0.25, 0, 64, 64, 0, (0.5, 1.0, 2.0), (0.5, 1.0))
     fresh = fresh_settings(recipe, (224, 224))
     sizes = [(500, 375), (300, 800), (640, 480), (333, 500)] * 10
