@@ -178,7 +178,7 @@ def test_verify_catches_any_flipped_byte(good_beton, tmp_path, capsys):
         flip(bad, offset)
         assert not verify(str(bad)).ok, what
         assert main(['verify', str(bad)]) == 1
-        assert 'problems' in capsys.readouterr().out
+        assert '1 problem:' in capsys.readouterr().out
 
 
 def test_verify_catches_a_truncated_file(good_beton, tmp_path):
