@@ -38,8 +38,11 @@ class BetonFile:
         return int(self.reader.num_samples)
 
     def block(self, ptr) -> np.ndarray:
-        size = self._sizes[np.searchsorted(self._ptrs, ptr)]
-        return self._mmap[int(ptr):int(ptr) + int(size)]
+        """The data block starting at byte ``ptr``; ValueError when none does."""
+        k = int(np.searchsorted(self._ptrs, ptr))
+        if k >= len(self._ptrs) or self._ptrs[k] != ptr:
+            raise ValueError(f'{self.path}: no data block starts at byte {int(ptr)}')
+        return self._mmap[int(ptr):int(ptr) + int(self._sizes[k])]
 
     def jpeg_bytes(self) -> int:
         """Bytes taken by all stored JPEGs (image blocks less their parameters)."""

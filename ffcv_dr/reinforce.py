@@ -158,11 +158,6 @@ def _pairs(records) -> np.ndarray:
     return records['pair'][records['mix_flags'] & HAS_PAIR != 0]
 
 
-def _probed(images_dir, max_resolution, num_workers, skip_bad):
-    images = list_images(images_dir)
-    return images, probe_images(images, max_resolution, num_workers, skip_bad)
-
-
 def _world(device: str):
     """(rank, world size): torchrun's when launched by it, else (0, 1)."""
     if dist.is_available() and int(os.environ.get('WORLD_SIZE', '1')) > 1:
@@ -241,7 +236,9 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     if device == 'cuda':
         device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
     out_dir = output_dir(output)
-    images, probes, skipped = readable(*_probed(images_dir, max_resolution, num_workers, skip_bad))
+    images = list_images(images_dir)
+    images, probes, skipped = readable(images, probe_images(images, max_resolution, num_workers,
+                                                            skip_bad))
     n = len(images.paths)
     images = replace(images, indices=np.arange(n))  # chunks are indexed by position in the file
     torch.set_num_threads(num_workers)  # importing FFCV sets it to 1

@@ -102,21 +102,16 @@ def _label_field(f: BetonFile):
     return f.reader.metadata[f'f{names.index("label")}'] if 'label' in names else None
 
 
-def _block(f: BetonFile, ptr):
-    """The block starting at ``ptr``, or None when no block starts there."""
-    k = int(np.searchsorted(f._ptrs, ptr))
-    if k >= len(f._ptrs) or f._ptrs[k] != ptr:
-        return None
-    return f._mmap[int(ptr):int(ptr) + int(f._sizes[k])]
-
-
 def _check_chunk(f: BetonFile, lo: int, hi: int, labels) -> list:
     problems, records, rows = [], [], []
     recipe = f.recipe
     for i in range(lo, hi):
         im, tg = f.image_meta[i], f.target_meta[i]
-        block, top = _block(f, im['data_ptr']), _block(f, tg['data_ptr'])
-        if block is None or top is None or block.size < f.params_size \
+        try:
+            block, top = f.block(im['data_ptr']), f.block(tg['data_ptr'])
+        except ValueError:
+            block = top = None
+        if block is None or block.size < f.params_size \
                 or top.size != recipe.num_samples * f.topk_dtype.itemsize:
             problems.append(('bad block pointer', f'image {i}: its data pointers do not match the '
                                                   'allocation table'))
