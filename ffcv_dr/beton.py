@@ -75,7 +75,11 @@ class BetonFile:
         return out
 
     def topk(self, index: int) -> np.ndarray:
-        return self.block(self.target_meta[index]['data_ptr']).view(self.topk_dtype)
+        return self.topk_records(self.block(self.target_meta[index]['data_ptr']))
+
+    def topk_records(self, block: np.ndarray) -> np.ndarray:
+        """The top-k records in a target block (which may end in padding)."""
+        return block[:self.recipe.num_samples * self.topk_dtype.itemsize].view(self.topk_dtype)
 
     def label(self, index: int) -> int:
         return int(self.target_meta[index]['label'])

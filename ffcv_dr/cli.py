@@ -104,9 +104,13 @@ def _reinforce(args):
                        teacher_size=args.teacher_size)
     if 'recipe' in result and os.path.exists(args.output):
         r = result['recipe']
-        print(f"wrote {args.output}: {result['images']} images x {r.num_samples} reinforcements, "
-              f"top-{r.topk} of {r.num_classes} classes, teacher {args.teacher} "
-              f"({result['images'] / result['seconds']:.1f} images/s)")
+        if r.num_samples:
+            print(f"wrote {args.output}: {result['images']} images x {r.num_samples} reinforcements, "
+                  f"top-{r.topk} of {r.num_classes} classes, teacher {args.teacher} "
+                  f"({result['images'] / result['seconds']:.1f} images/s)")
+        else:
+            print(f"wrote {args.output}: {result['images']} images of {r.num_classes} classes, "
+                  "no reinforcements (for training on fresh augmentations, train.mode=erm)")
         _report_skipped(result)
 
 
@@ -202,11 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('output', help='the .beton to write (written only when complete)')
     p.add_argument('--teacher', default='bundled:efficientnet_lite0',
                    help='timm model name(s), comma-separated for an ensemble, or bundled:efficientnet_lite0')
-    p.add_argument('--checkpoint', action='append', help='local checkpoint per teacher, in order')
-    p.add_argument('--no-pretrained', action='store_true', help='timm teachers without pretrained weights')
+    p.add_argument('--checkpoint', action='append',
+                   help='local checkpoint per teacher, in order (e.g. ffcv-dr train\'s checkpoint.pt)')
+    p.add_argument('--no-pretrained', action='store_true', help='teachers without pretrained weights')
     p.add_argument('--teacher-size', type=int, default=None,
-                   help="side the timm teachers see (default: their pretrained config's; 32 for CIFAR-trained ones)")
-    p.add_argument('--samples', type=int, default=8, help='reinforcements per image')
+                   help="side the teachers see (default: their pretrained config's; e.g. 64 for a "
+                   "teacher fine-tuned on CIFAR at 64 px)")
+    p.add_argument('--samples', type=int, default=8,
+                   help='reinforcements per image; 0 writes the images and the recipe only, '
+                   'without a teacher, for training with fresh augmentations (train.mode=erm)')
     p.add_argument('--topk', type=int, default=10)
     p.add_argument('--recipe', default='rrc+ra+re',
                    choices=['rrc', 'rrc+ra+re', 'rrc+mix', 'rrc+ra+re+mix'],

@@ -1,4 +1,4 @@
-"""The on-disk record format of an ffcv-dr ``.beton`` (format version 2).
+"""The on-disk record format of an ffcv-dr ``.beton`` (format version 3).
 
 Everything is little-endian and fixed-width. A file has three FFCV fields:
 
@@ -22,7 +22,11 @@ Everything is little-endian and fixed-width. A file has three FFCV fields:
     FFCV's own ``IntField`` with the ground-truth class.
 
 Both custom fields carry the :data:`RECIPE_DTYPE` header in their FFCV field
-arguments, so a reader knows the layout without any side file.
+arguments, so a reader knows the layout without any side file, and what fresh
+(non-replayed) samples draw from: the RandomResizedCrop scale and ratio, the
+RandAugment magnitude and the RandomErasing probability the reinforcements
+were made with. A file may hold no reinforcements at all (images, labels and
+the recipe only, for training on fresh augmentations).
 
 A reinforcement record holds, for one augmented view:
 
@@ -55,7 +59,8 @@ from dataclasses import dataclass, asdict
 import numpy as np
 from numpy.lib.recfunctions import repack_fields
 
-FORMAT_VERSION = 2   # 2: CRC32s cover the metadata fields and the top-k block too
+FORMAT_VERSION = 3   # 2: CRC32s cover the metadata fields and the top-k block too;
+#                     3: the recipe holds its draw settings (scale, ratio, magnitude, erase p)
 
 FLIP, HAS_RA, HAS_ERASE = 1, 2, 4
 HAS_PAIR, HAS_MIXUP, HAS_CUTMIX = 1, 2, 4
@@ -73,6 +78,10 @@ RECIPE_DTYPE = np.dtype([
     ('erase', 'u1'),
     ('mixing', 'u1'),
     ('size', '<u2'),
+    ('scale', '<f8', (2,)),
+    ('ratio', '<f8', (2,)),
+    ('ra_magnitude', 'u1'),
+    ('erase_p', '<f8'),
 ])
 
 IMAGE_METADATA = np.dtype([
@@ -116,16 +125,28 @@ class Recipe:
     erase: bool = False    # RandomErasing boxes stored
     mixing: bool = False   # MixUp/CutMix with a paired image stored
     size: int = 224        # output side the recipe was made for
+    scale: tuple = (0.08, 1.0)      # RandomResizedCrop, as the reinforcements were drawn
+    ratio: tuple = (3 / 4, 4 / 3)
+    ra_magnitude: int = 9
+    erase_p: float = 0.25
 
     def __post_init__(self):
-        if not 1 <= self.num_samples <= MAX_SAMPLES:
-            raise ValueError(f'num_samples must be in 1..{MAX_SAMPLES}, got {self.num_samples}')
+        if not 0 <= self.num_samples <= MAX_SAMPLES:  # 0: images and labels only
+            raise ValueError(f'num_samples must be in 0..{MAX_SAMPLES}, got {self.num_samples}')
         if not 1 <= self.topk <= self.num_classes:
             raise ValueError(f'topk must be in 1..num_classes, got {self.topk}')
         if not 1 <= self.num_classes <= MAX_CLASSES:
             raise ValueError(f'num_classes must be in 1..{MAX_CLASSES}, got {self.num_classes}')
         if not 1 <= self.size < (1 << 16):
             raise ValueError(f'size must be in 1..65535, got {self.size}')
+        if not 0 < self.scale[0] <= self.scale[1] <= 1 or not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f'scale must be 0 < lo <= hi <= 1 and ratio 0 < lo <= hi, '
+                             f'got {self.scale} and {self.ratio}')
+        if not 0 <= self.ra_magnitude <= 30 or not 0 <= self.erase_p <= 1:
+            raise ValueError(f'ra_magnitude must be in 0..30 and erase_p in [0, 1], '
+                             f'got {self.ra_magnitude} and {self.erase_p}')
+        object.__setattr__(self, 'scale', tuple(float(v) for v in self.scale))
+        object.__setattr__(self, 'ratio', tuple(float(v) for v in self.ratio))
 
     def to_array(self) -> np.ndarray:
         out = np.zeros((), RECIPE_DTYPE)
@@ -143,7 +164,8 @@ class Recipe:
         return cls(num_samples=int(arr['num_samples']), topk=int(arr['topk']),
                    num_classes=int(arr['num_classes']), ra_ops=int(arr['ra_ops']),
                    erase=bool(arr['erase']), mixing=bool(arr['mixing']),
-                   size=int(arr['size']))
+                   size=int(arr['size']), scale=tuple(arr['scale']), ratio=tuple(arr['ratio']),
+                   ra_magnitude=int(arr['ra_magnitude']), erase_p=float(arr['erase_p']))
 
     def to_binary(self) -> np.ndarray:
         """The 1024-byte FFCV field argument block holding this recipe."""
@@ -182,6 +204,13 @@ def reinforcement_dtype(recipe: Recipe) -> np.dtype:
 def topk_dtype(recipe: Recipe) -> np.dtype:
     """Packed dtype of the teacher's top-k for one reinforcement."""
     return np.dtype([('prob', '<f2', (recipe.topk,)), ('cls', '<u2', (recipe.topk,))])
+
+
+def topk_block_size(recipe: Recipe) -> int:
+    """Bytes of one image's top-k block. Never 0: FFCV finds a block by where it
+    starts, and an empty one (a file without reinforcements) would start where
+    the next one does, so it gets one zero byte."""
+    return max(1, recipe.num_samples * topk_dtype(recipe).itemsize)
 
 
 def bytes_per_reinforcement(recipe: Recipe) -> int:

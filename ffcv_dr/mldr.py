@@ -92,13 +92,18 @@ def recipe_from_config(config, name: str, num_classes: int) -> Recipe:
         enabled = lambda key: bool(aug.get(key, {}).get('enable', False))  # noqa: E731
         if not enabled('random_resized_crop'):
             raise MldrError(f'{name}: only recipes with random_resized_crop are supported')
-        ra = aug.get('rand_augment', {})
+        ra, rrc = aug.get('rand_augment', {}), aug['random_resized_crop']
         return Recipe(num_samples=int(rein['num_samples']), topk=int(rein['topk']),
                       num_classes=num_classes,
                       ra_ops=int(ra.get('num_ops', 2)) if enabled('rand_augment') else 0,
                       erase=enabled('random_erase'),
                       mixing=enabled('mixup') or enabled('cutmix'),
-                      size=int(aug['random_resized_crop'].get('size', 224)))
+                      size=int(rrc.get('size', 224)),
+                      # torchvision's defaults where ml-dr's config leaves them out
+                      scale=tuple(rrc.get('scale', (0.08, 1.0))),
+                      ratio=tuple(rrc.get('ratio', (3 / 4, 4 / 3))),
+                      ra_magnitude=int(ra.get('magnitude', 9)),
+                      erase_p=float(aug.get('random_erase', {}).get('p', 0.25)))
     except MldrError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:

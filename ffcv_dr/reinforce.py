@@ -211,6 +211,17 @@ class ChunkSource:
         return self._loaded[1][k * n:(k + 1) * n], self._loaded[2][k * n:(k + 1) * n]
 
 
+class _NoReinforcements:
+    """What ``write_beton`` stores for a file of images and labels only."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.empty = np.zeros(0, reinforcement_dtype(recipe)), np.zeros(0, topk_dtype(recipe))
+
+    def get(self, index):
+        return self.empty
+
+
 def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet_lite0',
               samples: int = 8, topk: int = 10, recipe: str = 'rrc+ra+re', size: int = 224,
               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), ra_ops: int = 2, ra_magnitude: int = 9,
@@ -223,7 +234,9 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     docstring). ``mixup`` is (p, alpha, div_by) and ``cutmix`` (p, alpha), used
     by the ``+mix`` recipes; the defaults are ImageNet+'s. With ``skip_bad``,
     unreadable images are left out and listed in ``skipped``. ``teacher_size``:
-    the side timm teachers see (default: their pretrained config's)."""
+    the side teachers see (default: their pretrained config's). ``samples=0``
+    writes the images, labels and recipe only, without a teacher: a file for
+    training on fresh augmentations (``train.mode=erm``), e.g. a teacher."""
     if recipe not in RECIPES:
         raise ConvertError(f'recipe {recipe!r} is not supported (choose from {", ".join(RECIPES)})')
     num_workers = num_workers or os.cpu_count()
@@ -242,21 +255,24 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     n = len(images.paths)
     images = replace(images, indices=np.arange(n))  # chunks are indexed by position in the file
     torch.set_num_threads(num_workers)  # importing FFCV sets it to 1
-    model = load_teacher(teacher, checkpoints, pretrained, device, teacher_size)
-    num_classes = int(model(torch.zeros(1, size, size, 3, dtype=torch.uint8, device=device)).shape[-1])
+    num_classes = images.num_classes  # without reinforcements: the labels' space
+    if samples:
+        model = load_teacher(teacher, checkpoints, pretrained, device, teacher_size)
+        num_classes = int(model(torch.zeros(1, size, size, 3, dtype=torch.uint8, device=device)).shape[-1])
     rec = Recipe(num_samples=samples, topk=topk, num_classes=num_classes,
-                 ra_ops=settings.ra_ops, erase='+re' in recipe, mixing='+mix' in recipe, size=size)
-    fresh = fresh_settings(rec, (size, size), scale, ratio, ra_magnitude, settings.erase_p)
+                 ra_ops=settings.ra_ops, erase='+re' in recipe, mixing='+mix' in recipe, size=size,
+                 scale=scale, ratio=ratio, ra_magnitude=ra_magnitude, erase_p=settings.erase_p)
+    fresh = fresh_settings(rec, (size, size))
     layout, key = render_layout(rec), np.uint64(seed)
     parts = _parts_dir(output, settings, rank, world)
-    mine = [c for c in range((n + chunk - 1) // chunk) if c % world == rank]
+    mine = [c for c in range((n + chunk - 1) // chunk) if c % world == rank and samples]
     todo = [c for c in mine if not os.path.exists(os.path.join(parts, f'chunk_{c:06d}.npz'))]
     if len(todo) < len(mine):
         print(f'rank {rank}: resuming, {len(mine) - len(todo)} of {len(mine)} chunks already done',
               flush=True)
     bar = tqdm(total=sum(min(chunk, n - c * chunk) for c in todo) * world, unit='img',
                desc=f'reinforcing ({world} process{"es" if world > 1 else ""})', disable=rank != 0)
-    per_group = max(1, batch_size // samples)  # images rendered together: about one batch
+    per_group = max(1, batch_size // max(1, samples))  # images rendered together: about one batch
     began = time.perf_counter()
     sizes = [probe[:2] for probe in probes]
     spans = [(c, g, min(g + per_group, (c + 1) * chunk, n)) for c in todo
@@ -311,8 +327,9 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     if rank == 0:
         scratch = tempfile.mkdtemp(prefix='.ffcv-dr-', dir=out_dir)
         try:
-            result.update(write_beton(output, images, probes, ChunkSource(parts, rec, chunk),
-                                      scratch, num_workers, max_resolution))
+            source = ChunkSource(parts, rec, chunk) if samples else _NoReinforcements(rec)
+            result.update(write_beton(output, images, probes, source, scratch, num_workers,
+                                      max_resolution))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(parts)

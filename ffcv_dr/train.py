@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from .beton import BetonFile
 from .convert import list_images
+from .models import create
 from .pipelines import Loader
 
 DEFAULTS = {
@@ -57,7 +58,12 @@ DEFAULTS = {
         'os_cache': True,
         'seed': 0,
     },
-    'model': {'arch': 'resnet50', 'drop_path': 0.0},
+    'model': {
+        'arch': 'resnet50',        # a timm name, or bundled:efficientnet_lite0
+        'pretrained': False,       # start from published weights (timm: the hub; bundled: the package)
+        'input_size': None,        # side the network sees, images resized on the device (default: the data's)
+        'drop_path': 0.0,
+    },
     'train': {
         'mode': 'dr',              # erm | dr | kd
         'epochs': 16,
@@ -73,6 +79,7 @@ DEFAULTS = {
         'amp': True,               # float16 on a GPU, bfloat16 on the CPU
         'channels_last': True,
         'ema_decay': 0.0,          # 0: no EMA
+        'eval_every': 1,           # evaluate every n-th epoch (and always after the last)
         'teacher': 'bundled:efficientnet_lite0',   # kd only
         'teacher_checkpoints': [],
         'teacher_pretrained': True,
@@ -208,6 +215,8 @@ class Trainer:
     def __init__(self, cfg: dict):
         self.cfg = cfg
         self.rank, self.world, self.device = _setup_distributed(cfg['device'])
+        if self.device.type == 'cpu':  # importing FFCV sets torch to one thread
+            torch.set_num_threads(max(1, os.cpu_count() // self.world))
         d, t = cfg['data'], cfg['train']
         self.folder = cfg['output']['folder']
         os.makedirs(self.folder, exist_ok=True)
@@ -224,15 +233,13 @@ class Trainer:
             self.val_loader = val_loader(val_beton(d['val'], self.folder, d['workers'], self.rank),
                                          d['batch_size'], d['workers'], self.size,
                                          d['val_crop_ratio'], self.world > 1)
-        import timm
-        from timm.data import resolve_data_config
-        extra = {'drop_path_rate': cfg['model']['drop_path']} if cfg['model']['drop_path'] else {}
-        self.model = timm.create_model(cfg['model']['arch'], num_classes=recipe.num_classes, **extra)
-        data_cfg = resolve_data_config({}, model=self.model)
-        self.mean = torch.tensor(data_cfg['mean'], device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(data_cfg['std'], device=self.device).view(1, 3, 1, 1) * 255
-        self.memory_format = torch.channels_last if t['channels_last'] else torch.contiguous_format
-        self.model = self.model.to(self.device, memory_format=self.memory_format)
+        m = cfg['model']
+        extra = {'drop_path_rate': m['drop_path']} if m['drop_path'] else {}
+        # uint8 NHWC batches in, resized to input_size and normalised as the network expects
+        self.model = create(m['arch'], recipe.num_classes, m['pretrained'],
+                            input_size=m['input_size'] or self.size, **extra)
+        memory_format = torch.channels_last if t['channels_last'] else torch.contiguous_format
+        self.model = self.model.to(self.device, memory_format=memory_format)
         self.ema = None
         if t['ema_decay']:
             from timm.utils import ModelEmaV3
@@ -265,11 +272,6 @@ class Trainer:
         self.start_epoch = 0
         self.checkpoint = os.path.join(self.folder, 'checkpoint.pt')
 
-    def _inputs(self, images):
-        """uint8 NHWC from the loader -> normalised NCHW on the device."""
-        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-
     def _loss(self, out, images, targets, labels):
         mode = self.cfg['train']['mode']
         if mode == 'erm':
@@ -284,7 +286,7 @@ class Trainer:
         if not os.path.exists(self.checkpoint):
             return
         state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state['model'])
+        self.model.net.load_state_dict(state['model'])
         self.opt.load_state_dict(state['opt'])
         self.scaler.load_state_dict(state['scaler'])
         if self.ema is not None:
@@ -297,7 +299,7 @@ class Trainer:
     def _save(self, epoch):
         if self.rank != 0:
             return
-        state = {'model': self.model.state_dict(), 'opt': self.opt.state_dict(),
+        state = {'model': self.model.net.state_dict(), 'opt': self.opt.state_dict(),
                  'scaler': self.scaler.state_dict(), 'epoch': epoch, 'rng': torch.get_rng_state(),
                  'ema': self.ema.state_dict() if self.ema is not None else None}
         torch.save(state, self.checkpoint + '.tmp')
@@ -314,7 +316,7 @@ class Trainer:
             for group in self.opt.param_groups:
                 group['lr'] = self.base_lr * lr_factor(epoch * steps + k, steps, t)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                out = self.net(self._inputs(images))
+                out = self.net(images.to(self.device, non_blocking=True))
             loss = self._loss(out.float(), images, targets, labels)
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -340,7 +342,7 @@ class Trainer:
         for images, labels in self.val_loader:
             labels = labels.to(self.device).long()
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                out = model(self._inputs(images))
+                out = model(images.to(self.device, non_blocking=True))
             probs = out.float().softmax(-1)
             top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
             hits[0] += (top5[:, 0] == labels).sum()
@@ -357,7 +359,8 @@ class Trainer:
         record = {}
         for epoch in range(self.start_epoch, self.cfg['train']['epochs']):
             record = {'epoch': epoch, 'mode': self.cfg['train']['mode'], **self.train_epoch(epoch)}
-            if self.val_loader is not None:
+            last = epoch + 1 == self.cfg['train']['epochs']
+            if self.val_loader is not None and (last or (epoch + 1) % self.cfg['train']['eval_every'] == 0):
                 record['top1'], record['top5'], record['ece'], table = self.evaluate()
                 if self.ema is not None:
                     record['ema_top1'], record['ema_top5'], record['ema_ece'], _ = self.evaluate(self.ema.module)

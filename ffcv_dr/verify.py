@@ -31,7 +31,7 @@ import numpy as np
 
 from .beton import BetonFile
 from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, RA_OPS,
-                     block_crc)
+                     block_crc, topk_block_size)
 from .jpeg import check_jpeg
 
 CHUNK = 256
@@ -112,7 +112,7 @@ def _check_chunk(f: BetonFile, lo: int, hi: int, labels) -> list:
         except ValueError:
             block = top = None
         if block is None or block.size < f.params_size \
-                or top.size != recipe.num_samples * f.topk_dtype.itemsize:
+                or top.size != topk_block_size(recipe):
             problems.append(('bad block pointer', f'image {i}: its data pointers do not match the '
                                                   'allocation table'))
             continue
@@ -134,7 +134,7 @@ def _check_chunk(f: BetonFile, lo: int, hi: int, labels) -> list:
                                       f'id below {recipe.num_classes} or the two disagree'))
         records.append(block[:f.params_size].view(f.record_dtype))
         rows.append(i)
-        problems += _topk_problems(i, top.view(f.topk_dtype), recipe.num_classes)
+        problems += _topk_problems(i, f.topk_records(top), recipe.num_classes)
     if records:
         problems += _record_problems(f, np.array(rows), np.stack(records))
     return problems

@@ -179,3 +179,23 @@ def test_inspect_draws_the_chosen_replays(one_process, tmp_path):
     grid = Image.open(png)
     assert grid.width > grid.height  # two rows of three replays
     assert main(['inspect', one_process, '--out', png, '--index', '12']) == 1  # outside 0..11
+
+
+def test_fresh_draws_follow_the_files_recipe(small_images, tmp_path):
+    """A file keeps the draw settings its reinforcements were made with, and the
+    loader's fresh samples use them: with the same seed, the fresh sample of
+    epoch j is reinforcement j itself."""
+    out = str(tmp_path / 'narrow.beton')
+    done = run_cli([small_images, out, '--size', '64', '--scale', '0.6', '1', '--ratio', '0.9', '1.1',
+                    '--ra-magnitude', '5', '--erase-p', '0.5'])
+    assert done.returncode == 0, done.stderr[-2000:]
+    f = BetonFile(out)
+    r = f.recipe
+    assert (r.scale, r.ratio, r.ra_magnitude, r.erase_p) == ((0.6, 1.0), (0.9, 1.1), 5, 0.5)
+    for i in range(len(f)):
+        meta = f.image_meta[i]
+        crops = f.records(i)['crop'].astype(float)
+        area = crops[:, 2] * crops[:, 3] / (float(meta['orig_width']) * float(meta['orig_height']))
+        assert area.min() >= 0.59, area
+        for j in range(r.num_samples):
+            assert np.array_equal(f.render(i, -1, seed=5, epoch=j), f.render(i, j)), (i, j)

@@ -107,3 +107,38 @@ def test_erm_and_kd_modes_train(mixing_beton, small_images, tmp_path, mode, extr
     assert last['mode'] == mode and np.isfinite(last['train_loss']) and 0 <= last['top1'] <= 1
     if mode == 'erm':
         assert 0 <= last['ema_top1'] <= 1
+
+
+@needs_shared
+def test_a_teacher_fine_tuned_here_labels_with_its_checkpoint(small_images, tmp_path):
+    """The CIFAR-10 experiment's chain: a file without reinforcements, the
+    bundled EfficientNet-Lite0 fine-tuned on it, then loaded as a teacher from
+    its checkpoint: it says what the trained model said at evaluation."""
+    from ffcv_dr import Loader
+    from ffcv_dr.beton import BetonFile
+    from ffcv_dr.reinforce import reinforce
+    from ffcv_dr.teachers import load_teacher
+    from ffcv_dr.train import val_loader
+    from ffcv_dr.verify import verify
+    plain = str(tmp_path / 'plain.beton')
+    reinforce(small_images, plain, samples=0, recipe='rrc', size=48, scale=(0.5, 1), num_workers=2)
+    f = BetonFile(plain)
+    assert f.recipe.num_samples == 0 and f.recipe.scale == (0.5, 1.0) and len(f) == 12
+    assert verify(plain, 2).ok
+    with pytest.raises(ValueError, match='holds no reinforcements, so only fresh augmentations'):
+        Loader(plain, 4, 2, p=0.5)
+    folder = str(tmp_path / 'teacher')
+    last = train(load_config(None, [
+        f'data.train={plain}', f'data.val={small_images}', f'output.folder={folder}',
+        'model.arch=bundled:efficientnet_lite0', 'model.pretrained=true', 'model.input_size=64',
+        'data.image_size=48', 'data.batch_size=4', 'data.workers=2', 'data.val_crop_ratio=1.0',
+        'train.mode=erm', 'train.epochs=1', 'train.warmup_epochs=0', 'train.lr=0.05',
+        'train.amp=false', 'device=cpu']))
+    teacher = load_teacher('bundled:efficientnet_lite0', [os.path.join(folder, 'checkpoint.pt')],
+                           input_size=64)
+    images, labels = next(iter(val_loader(os.path.join(folder, 'val.beton'), 12, 2, 48, 1.0, False)))
+    probs = teacher(images)
+    assert probs.shape == (12, 1000)  # ImageNet synset folders: the bundled head is kept
+    assert float((probs.argmax(1) == labels.long()).double().mean()) == pytest.approx(last['top1'])
+    ece = expected_calibration_error(calibration(probs.double(), labels.long()))
+    assert ece == pytest.approx(last['ece'], abs=1e-5)

@@ -76,19 +76,16 @@ class ReinforcedImageDecoder(Operation):
     in mixing recipes, MixUp/CutMix with the paired image, which is read from
     the same file. Stored boxes and translations are rescaled when the output
     size differs from the recipe's. With probability ``1 - clock.p`` a sample
-    gets a fresh augmentation from the same kernels instead: RandomResizedCrop
-    (``scale``, ``ratio``) and flip, plus RandAugment at ``ra_magnitude`` and
-    RandomErasing with probability ``erase_p`` where the recipe has them.
+    gets a fresh augmentation from the same kernels instead, drawn as the
+    stored ones were (the recipe's scale, ratio, RandAugment magnitude and
+    erasing probability).
     """
 
     def __init__(self, output_size: Optional[Tuple[int, int]] = None,
-                 clock: Optional[ReplayClock] = None,
-                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), ra_magnitude: int = 9,
-                 erase_p: float = 0.25):
+                 clock: Optional[ReplayClock] = None):
         super().__init__()
         self.output_size = output_size
         self.clock = clock if clock is not None else ReplayClock()
-        self.fresh = (scale, ratio, ra_magnitude, erase_p)
 
     def _out_shape(self):
         size = self.output_size or (self.field.recipe.size,) * 2
@@ -111,7 +108,7 @@ class ReinforcedImageDecoder(Operation):
                 "from the file, which FFCV's process cache (os_cache=False) does not load; "
                 'use os_cache=True')
         layout = render_layout(recipe)
-        fresh = fresh_settings(recipe, self._out_shape(), *self.fresh)
+        fresh = fresh_settings(recipe, self._out_shape())
         num_samples = np.int64(recipe.num_samples)
         seed, p, address = self.clock.constants
         mem_read = self.memory_read
@@ -169,12 +166,11 @@ def render_layout(recipe: Recipe) -> Layout:
                   off('mixup_lam'), off('cutmix_lam'), off('cutmix_box'))
 
 
-def fresh_settings(recipe: Recipe, out_shape, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                   ra_magnitude: int = 9, erase_p: float = 0.25) -> Fresh:
+def fresh_settings(recipe: Recipe, out_shape) -> Fresh:
     """What fresh (non-replayed) samples draw from, at the output size."""
-    mags, signed = magnitude_table(out_shape[0], out_shape[1], ra_magnitude)
-    return Fresh(float(scale[0]), float(scale[1]), float(ratio[0]), float(ratio[1]),
-                 mags, signed, float(erase_p) if recipe.erase else 0.0)
+    mags, signed = magnitude_table(out_shape[0], out_shape[1], recipe.ra_magnitude)
+    return Fresh(*recipe.scale, *recipe.ratio, mags, signed,
+                 recipe.erase_p if recipe.erase else 0.0)
 
 
 def temp_size(recipe: Recipe, max_pixels: int, out_shape) -> int:

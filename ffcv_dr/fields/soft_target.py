@@ -13,7 +13,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 
-from ..format import TARGET_METADATA, Recipe, block_crc, topk_dtype
+from ..format import TARGET_METADATA, Recipe, block_crc, topk_block_size, topk_dtype
 from ..geometry import read_u16
 from ..schedule import ReplayClock, choose, read_epoch
 
@@ -51,8 +51,9 @@ class SoftTargetField(Field):
         if records.shape != (self.recipe.num_samples,):
             raise ValueError(f'expected {self.recipe.num_samples} top-k records, got {records.shape}')
         raw = records.view('<u1').reshape(-1)
-        ptr, block = malloc(raw.size)
-        block[:] = raw
+        ptr, block = malloc(topk_block_size(self.recipe))
+        block[:raw.size] = raw
+        block[raw.size:] = 0
         destination['data_ptr'] = ptr
         destination['label'] = label
         destination['crc32'] = block_crc(destination, block)

@@ -12,6 +12,7 @@ from ffcv.loader import OrderOption
 from ffcv.pipeline import PipelineSpec
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
+from ..beton import BetonFile
 from ..fields import (CUSTOM_FIELDS, ReinforcedImageDecoder, ReinforcementIndexDecoder,
                       SoftTargetDecoder)
 from ..schedule import ReplayClock
@@ -76,6 +77,9 @@ class Loader(ffcv.loader.Loader):
                  reinforcement_index: bool = False, indices: Sequence[int] = None,
                  os_cache: bool = True, drop_last: bool = True, batches_ahead: int = 3,
                  dtype=np.float16):
+        if p > 0 and not BetonFile(fname).recipe.num_samples:
+            raise ValueError(f'{fname}: holds no reinforcements, so only fresh augmentations '
+                             f'(p=0) can be loaded, not p={p}')
         self.clock = ReplayClock(seed, p)
         pipelines = train_pipelines(self.clock, output_size, device, densify, labels,
                                     reinforcement_index, dtype=dtype)
