@@ -362,6 +362,7 @@ class Trainer:
             last = epoch + 1 == self.cfg['train']['epochs']
             if self.val_loader is not None and (last or (epoch + 1) % self.cfg['train']['eval_every'] == 0):
                 record['top1'], record['top5'], record['ece'], table = self.evaluate()
+                record['confidence'] = float(table[1].sum() / table[0].sum())  # vs top1: over/under-confident
                 if self.ema is not None:
                     record['ema_top1'], record['ema_top5'], record['ema_ece'], _ = self.evaluate(self.ema.module)
             self._save(epoch)

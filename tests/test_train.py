@@ -70,6 +70,7 @@ def test_dr_training_logs_evaluates_and_resumes_exactly(mixing_beton, small_imag
     assert [r['epoch'] for r in log] == [0, 1] and last == log[-1]
     for r in log:
         assert 0 <= r['top1'] <= r['top5'] <= 1 and 0 <= r['ece'] <= 1 and r['train_loss'] > 0
+        assert 0 < r['confidence'] <= 1
     assert os.path.exists(os.path.join(whole, 'reliability.png'))
     assert os.path.exists(os.path.join(whole, 'val.beton'))
 
