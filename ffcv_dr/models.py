@@ -20,6 +20,7 @@ class Classifier(torch.nn.Module):
     def __init__(self, name: str, net: torch.nn.Module, input_size: int, mean, std, classifier: str):
         super().__init__()
         self.name, self.net, self.input_size, self.classifier = name, net, int(input_size), classifier
+        self.memory_format = torch.channels_last  # the input's layout; train matches it to the weights'
         self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
         self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
 
@@ -30,7 +31,7 @@ class Classifier(torch.nn.Module):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode='bilinear',
                               antialias=True, align_corners=False)
         x = (x - self.mean) / self.std
-        return self.net(x.contiguous(memory_format=torch.channels_last))
+        return self.net(x.contiguous(memory_format=self.memory_format))
 
 
 def _bundled(name: str, pretrained: bool, num_classes: Optional[int]):

@@ -240,6 +240,7 @@ class Trainer:
                             input_size=m['input_size'] or self.size, **extra)
         memory_format = torch.channels_last if t['channels_last'] else torch.contiguous_format
         self.model = self.model.to(self.device, memory_format=memory_format)
+        self.model.memory_format = memory_format
         self.ema = None
         if t['ema_decay']:
             from timm.utils import ModelEmaV3
