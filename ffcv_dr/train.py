@@ -83,7 +83,7 @@ DEFAULTS = {
         'teacher': 'bundled:efficientnet_lite0',   # kd only
         'teacher_checkpoints': [],
         'teacher_pretrained': True,
-        'teacher_size': None,      # side a timm teacher sees (default: its pretrained config's)
+        'teacher_size': None,      # side the teacher sees (default: its pretrained config's)
     },
     'output': {'folder': 'out/train'},
     'device': None,                # default: cuda when available (cuda:LOCAL_RANK under torchrun)
