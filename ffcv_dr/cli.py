@@ -210,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='local checkpoint per teacher, in order (e.g. ffcv-dr train\'s checkpoint.pt)')
     p.add_argument('--no-pretrained', action='store_true', help='teachers without pretrained weights')
     p.add_argument('--teacher-size', type=int, default=None,
-                   help="side the teachers see (default: their pretrained config's; e.g. 64 for a "
-                   "teacher fine-tuned on CIFAR at 64 px)")
+                   help="side the teachers see (default: their pretrained config's; e.g. 96 for a "
+                   "teacher fine-tuned on CIFAR at 96 px)")
     p.add_argument('--samples', type=int, default=8,
                    help='reinforcements per image; 0 writes the images and the recipe only, '
                    'without a teacher, for training with fresh augmentations (train.mode=erm)')
@@ -242,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='leave out unreadable images (each is reported) instead of stopping')
     p.set_defaults(run=_reinforce)
 
-    p = sub.add_parser('train', help='train a timm student on a .beton (erm, dr or kd)',
-                       description='Train a timm student from an ffcv-dr .beton: ground-truth '
+    p = sub.add_parser('train', help='train a student (timm or bundled) on a .beton (erm, dr or kd)',
+                       description='Train a timm (or bundled) model from an ffcv-dr .beton: ground-truth '
                        'labels (erm), the stored soft targets (dr) or an online teacher (kd). '
                        'Settings: ffcv_dr.train.DEFAULTS, a YAML file, then --set overrides.')
     p.add_argument('--config', help='YAML file of settings')

@@ -265,7 +265,8 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     fresh = fresh_settings(rec, (size, size))
     layout, key = render_layout(rec), np.uint64(seed)
     parts = _parts_dir(output, settings, rank, world)
-    mine = [c for c in range((n + chunk - 1) // chunk) if c % world == rank and samples]
+    chunks = (n + chunk - 1) // chunk if samples else 0  # without reinforcements, nothing to generate
+    mine = [c for c in range(chunks) if c % world == rank]
     todo = [c for c in mine if not os.path.exists(os.path.join(parts, f'chunk_{c:06d}.npz'))]
     if len(todo) < len(mine):
         print(f'rank {rank}: resuming, {len(mine) - len(todo)} of {len(mine)} chunks already done',

@@ -42,7 +42,7 @@ def load_teacher(spec: str, checkpoints: Sequence[str] = (), pretrained: bool = 
     """``spec``: comma-separated timm model names or ``bundled:efficientnet_lite0``;
     ``checkpoints``: one local checkpoint path per name ('' for none), e.g. from
     ``ffcv-dr train``; ``input_size``: the side the members see (default: their
-    pretrained config's), e.g. 64 for a teacher fine-tuned on CIFAR at 64 px."""
+    pretrained config's), e.g. 96 for a teacher fine-tuned on CIFAR at 96 px."""
     names = [n.strip() for n in spec.split(',') if n.strip()]
     if not names:
         raise ValueError('no teacher given')

@@ -107,6 +107,9 @@ class ReinforcedImageDecoder(Operation):
                 'this .beton mixes images (MixUp/CutMix): the decoder reads each paired image '
                 "from the file, which FFCV's process cache (os_cache=False) does not load; "
                 'use os_cache=True')
+        if self.clock.p > 0 and not recipe.num_samples:
+            raise ValueError(f'holds no reinforcements, so only fresh augmentations (p=0) can be '
+                             f'loaded, not p={self.clock.p}')
         layout = render_layout(recipe)
         fresh = fresh_settings(recipe, self._out_shape())
         num_samples = np.int64(recipe.num_samples)

@@ -12,7 +12,6 @@ from ffcv.loader import OrderOption
 from ffcv.pipeline import PipelineSpec
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-from ..beton import BetonFile
 from ..fields import (CUSTOM_FIELDS, ReinforcedImageDecoder, ReinforcementIndexDecoder,
                       SoftTargetDecoder)
 from ..schedule import ReplayClock
@@ -77,16 +76,16 @@ class Loader(ffcv.loader.Loader):
                  reinforcement_index: bool = False, indices: Sequence[int] = None,
                  os_cache: bool = True, drop_last: bool = True, batches_ahead: int = 3,
                  dtype=np.float16):
-        if p > 0 and not BetonFile(fname).recipe.num_samples:
-            raise ValueError(f'{fname}: holds no reinforcements, so only fresh augmentations '
-                             f'(p=0) can be loaded, not p={p}')
         self.clock = ReplayClock(seed, p)
         pipelines = train_pipelines(self.clock, output_size, device, densify, labels,
                                     reinforcement_index, dtype=dtype)
-        super().__init__(fname, batch_size, num_workers=num_workers, os_cache=os_cache,
-                         order=order, distributed=distributed, seed=seed, indices=indices,
-                         pipelines=pipelines, custom_fields=CUSTOM_FIELDS,
-                         drop_last=drop_last, batches_ahead=batches_ahead)
+        try:  # the decoders refuse, when compiled here, what this file cannot give
+            super().__init__(fname, batch_size, num_workers=num_workers, os_cache=os_cache,
+                             order=order, distributed=distributed, seed=seed, indices=indices,
+                             pipelines=pipelines, custom_fields=CUSTOM_FIELDS,
+                             drop_last=drop_last, batches_ahead=batches_ahead)
+        except ValueError as e:
+            raise ValueError(f'{fname}: {e}') from None
 
     def __iter__(self):
         self.clock.set_epoch(self.next_epoch)
