@@ -21,7 +21,8 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 stamp=".venv/.ffcv-dr-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+# Reinstalled when the package metadata or the C extensions change.
+want="$(cat pyproject.toml setup.py ffcv_dr/_jpeg.c ffcv_dr/_resize.cpp | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
     # A matched pair: timm pulls torchvision, and a mismatched pair fails to import.

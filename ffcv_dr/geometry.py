@@ -71,15 +71,15 @@ def fresh_flip(seed, epoch, index):
 
 @nb.njit(nogil=True, fastmath=False)
 def hflip_inplace(img):
-    h, w, c = img.shape[0], img.shape[1], img.shape[2]
-    a = img.reshape(-1)
+    """Mirror an RGB image left to right (per-pixel swaps of the three channels)."""
+    h, w = img.shape[0], img.shape[1]
     for y in range(h):
-        left, right = y * w * c, ((y + 1) * w - 1) * c
-        for _ in range(w // 2):
-            for k in range(c):
-                a[left + k], a[right + k] = a[right + k], a[left + k]
-            left += c
-            right -= c
+        row = img[y]
+        for x in range(w // 2):
+            r = w - 1 - x
+            a0, a1, a2 = row[x, 0], row[x, 1], row[x, 2]
+            row[x, 0], row[x, 1], row[x, 2] = row[r, 0], row[r, 1], row[r, 2]
+            row[r, 0], row[r, 1], row[r, 2] = a0, a1, a2
 
 
 @nb.njit(nogil=True, fastmath=False)

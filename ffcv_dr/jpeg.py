@@ -1,13 +1,13 @@
 """Crop-aware JPEG decoding for the replay kernels: decode only the rows and
 (iMCU-aligned) columns a crop needs, scaled by 1/2, 1/4 or 1/8 in the IDCT
-when the crop is at least twice the output, then resize with OpenCV."""
+when the crop is at least twice the output, then resize with OpenCV
+(antialiased like PIL's bilinear filter, see ``_resize.cpp``)."""
 import ctypes
 
 import numba as nb
 import numpy as np
-from ffcv.libffcv import resize_crop
 
-from . import _jpeg
+from . import _jpeg, _resize
 
 _lib = ctypes.CDLL(_jpeg.__file__)
 _decode_region = _lib.decode_region
@@ -18,7 +18,9 @@ _decode_region.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ct
 _check_jpeg = _lib.check_jpeg
 _check_jpeg.restype = ctypes.c_int
 _check_jpeg.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_void_p]
-_resize_crop = nb.njit(nogil=True)(resize_crop)
+_resize_crop = ctypes.CDLL(_resize.__file__).resize_crop_aa
+_resize_crop.restype = ctypes.c_int
+_resize_crop.argtypes = [ctypes.c_void_p] + [ctypes.c_uint32] * 6 + [ctypes.c_void_p] + [ctypes.c_uint32] * 2
 
 
 def check_jpeg(data: bytes):
@@ -60,11 +62,13 @@ def decode_crop_resize(jpeg, img_h, img_w, top, left, h, w, buf, out):
         out[:] = 0
         return False
     x0, width = np.int64(geometry[0]), np.int64(geometry[1])
-    region = buf[:(r1 - r0) * width * 3].reshape(r1 - r0, width, 3)
     # The crop in decoded pixels; exact when d == 1, else rounded to the scaled grid.
     y_lo = min(max(int(round(top / d)) - r0, 0), r1 - r0 - 1)
     y_hi = min(max(int(round((top + h) / d)) - r0, y_lo + 1), r1 - r0)
     x_lo = min(max(int(round(left / d)) - x0, 0), width - 1)
     x_hi = min(max(int(round((left + w) / d)) - x0, x_lo + 1), width)
-    _resize_crop(region, y_lo, y_hi, x_lo, x_hi, out)
+    if _resize_crop(buf.ctypes.data, r1 - r0, width, y_lo, y_hi, x_lo, x_hi,
+                    out.ctypes.data, out.shape[0], out.shape[1]) != 0:
+        out[:] = 0
+        return False
     return True

@@ -102,7 +102,10 @@ def apply_op(img, scratch, op, magnitude, scale_y, scale_x):
 
 @nb.njit(nogil=True, fastmath=False)
 def _copy(src, dst):
-    dst.reshape(-1)[:] = src.reshape(-1)
+    """dst <- src (an explicit loop: numba's slice assignment is ten times slower)."""
+    d, s = dst.reshape(-1), src.reshape(-1)
+    for i in range(s.size):
+        d[i] = s[i]
 
 
 @nb.njit(nogil=True, fastmath=False)
@@ -141,25 +144,24 @@ def _fix(v):
 
 @nb.njit(nogil=True, fastmath=False)
 def _affine_nearest(src, dst, m):
-    """Pillow's nearest-neighbour affine transform in 16.16 fixed point; fill 0."""
+    """Pillow's nearest-neighbour affine transform in 16.16 fixed point; fill 0.
+    (Unsigned indices spare numba's negative-index checks, here and below.)"""
     h, w = src.shape[0], src.shape[1]
-    s, d = src.reshape(-1), dst.reshape(-1)
     a0, a1, a2, a3, a4, a5 = m
     f0, f1, f3, f4 = _fix(a0), _fix(a1), _fix(a3), _fix(a4)
     xo = _fix(a2 + a1 * 0.5 + a0 * 0.5)
     yo = _fix(a5 + a4 * 0.5 + a3 * 0.5)
-    o = 0
-    for _ in range(h):
+    for y in range(h):
         xx, yy = xo, yo
-        for _ in range(w):
+        row = dst[y]
+        for x in range(w):
             xi = xx >> 16
             yi = yy >> 16
             if 0 <= xi < w and 0 <= yi < h:
-                i = (yi * w + xi) * 3
-                d[o], d[o + 1], d[o + 2] = s[i], s[i + 1], s[i + 2]
+                p = src[np.uint64(yi), np.uint64(xi)]
+                row[x, 0], row[x, 1], row[x, 2] = p[0], p[1], p[2]
             else:
-                d[o], d[o + 1], d[o + 2] = 0, 0, 0
-            o += 3
+                row[x, 0], row[x, 1], row[x, 2] = 0, 0, 0
             xx += f0
             yy += f3
         xo += f1
@@ -195,7 +197,9 @@ def _blend_image(img, degenerate, factor):
     f = np.float32(factor)
     a, d = img.reshape(-1), degenerate.reshape(-1)
     for i in range(a.size):
-        a[i] = _blend(d[i], a[i], f)
+        dv = np.float32(d[i])  # _blend, spelt out so that the loop vectorises
+        v = dv + f * (np.float32(a[i]) - dv)
+        a[i] = np.uint8(min(max(v, np.float32(0.0)), np.float32(255.0)))
 
 
 @nb.njit(nogil=True, fastmath=False, inline='always')
@@ -227,44 +231,47 @@ def _gray_mean(img):
 
 _K = np.float32(1.0 / 13.0)
 _K5 = np.float32(5.0 / 13.0)
-_TIMES_K = np.arange(256).astype(np.float32) * _K     # float32 products, as Pillow's
-_TIMES_K5 = np.arange(256).astype(np.float32) * _K5
 
 
 @nb.njit(nogil=True, fastmath=False)
 def _smooth(img, out):
     """ImageFilter.SMOOTH (3x3, centre 5, divisor 13) in float32, rounded;
-    border pixels are copied, as Pillow does. The sums keep Pillow's order
-    (row below, centre row, row above; left to right), so results are exact."""
+    border pixels are copied, as Pillow does. The products and sums keep
+    Pillow's (row below, centre row, row above; left to right), so results
+    are exact. Three rows of products are kept; offsets are never negative,
+    which lets the inner loop vectorise."""
     h, n = img.shape[0], img.shape[1] * 3
     flat = img.reshape(h, n)
     dst = out.reshape(h, n)
-    dst[:] = flat
-    pk = np.empty((h, n), np.float32)
-    pk5 = np.empty(n, np.float32)
-    for y in range(h):
-        for i in range(n):
-            pk[y, i] = _TIMES_K[flat[y, i]]
+    pk = np.empty((3, n), np.float32)
+    for i in range(n):
+        dst[0, i], dst[h - 1, i] = flat[0, i], flat[h - 1, i]
+        pk[0, i] = np.float32(flat[0, i]) * _K
+        pk[1, i] = np.float32(flat[1, i]) * _K
     for y in range(1, h - 1):
-        below, row, above = pk[y + 1], pk[y], pk[y - 1]
+        above, row, below = pk[(y - 1) % 3], pk[y % 3], pk[(y + 1) % 3]
+        src, cur, d = flat[y + 1], flat[y], dst[y]
         for i in range(n):
-            pk5[i] = _TIMES_K5[flat[y, i]]
-        for i in range(3, n - 3):
-            ss = below[i - 3] + below[i] + below[i + 3]
-            ss += row[i - 3] + pk5[i] + row[i + 3]
-            ss += above[i - 3] + above[i] + above[i + 3]
-            # floor(ss + 0.5) clipped to 0..255 (truncation is floor here: the value is >= 0)
-            dst[y, i] = np.uint8(min(max(ss + np.float32(0.5), np.float32(0.0)), np.float32(255.0)))
+            below[i] = np.float32(src[i]) * _K
+        for i in range(3):
+            d[i], d[n - 1 - i] = cur[i], cur[n - 1 - i]
+        for k in range(n - 6):  # pixel i = k + 3
+            ss = below[k] + below[k + 3] + below[k + 6]
+            ss += row[k] + np.float32(cur[k + 3]) * _K5 + row[k + 6]
+            ss += above[k] + above[k + 3] + above[k + 6]
+            # a weighted mean of 0..255 plus 0.5: truncation rounds, no clipping needed
+            d[k + 3] = np.uint8(ss + np.float32(0.5))
 
 
 @nb.njit(nogil=True, fastmath=False)
 def _histograms(img):
     hist = np.zeros((3, 256), np.int64)
-    a = img.reshape(-1)
-    for i in range(0, a.size, 3):
-        hist[0, a[i]] += 1
-        hist[1, a[i + 1]] += 1
-        hist[2, a[i + 2]] += 1
+    for y in range(img.shape[0]):
+        row = img[y]
+        for x in range(img.shape[1]):
+            hist[0, row[x, 0]] += 1
+            hist[1, row[x, 1]] += 1
+            hist[2, row[x, 2]] += 1
     return hist
 
 
@@ -324,8 +331,9 @@ def _equalize_luts(hist):
 
 @nb.njit(nogil=True, fastmath=False)
 def _apply_luts(img, luts):
-    a = img.reshape(-1)
-    for i in range(0, a.size, 3):
-        a[i] = luts[0, a[i]]
-        a[i + 1] = luts[1, a[i + 1]]
-        a[i + 2] = luts[2, a[i + 2]]
+    for y in range(img.shape[0]):
+        row = img[y]
+        for x in range(img.shape[1]):
+            row[x, 0] = luts[0, row[x, 0]]
+            row[x, 1] = luts[1, row[x, 1]]
+            row[x, 2] = luts[2, row[x, 2]]
