@@ -67,10 +67,9 @@ class BetonFile:
         block = self.image_block(index)
         pair = pair_index(block, j, layout)
         pair = index if pair < 0 else pair
-        pixels = max(int(m['width']) * int(m['height']) for m in self.image_meta[[index, pair]])
         render(block, self.image_meta[index], self.image_block(pair), self.image_meta[pair],
                j, np.uint64(seed), epoch, index,
-               np.empty(temp_size(self.recipe, pixels, out.shape), np.uint8), out, layout,
+               np.empty(temp_size(self.recipe, out.shape), np.uint8), out, layout,
                fresh_settings(self.recipe, out.shape))
         return out
 

@@ -44,10 +44,15 @@ def dct_scale(crop_h, crop_w, out_h, out_w):
 
 
 @nb.njit(nogil=True, fastmath=False)
-def decode_crop_resize(jpeg, img_h, img_w, top, left, h, w, buf, out):
+def decode_crop_resize(jpeg, img_h, img_w, top, left, h, w, out):
     """out <- the box (top, left, h, w) of the JPEG (an img_h x img_w image)
-    resized to out's shape. ``buf`` holds img_h * img_w * 3 bytes. Returns
-    False, leaving ``out`` black, when the JPEG cannot be decoded."""
+    resized to out's shape. Returns False, leaving ``out`` black, when the
+    JPEG cannot be decoded.
+
+    The decoded rows go to a buffer allocated here, sized for this crop:
+    malloc hands the same memory back call after call, whereas a buffer in
+    FFCV's per-sample memory would have to fit the file's largest image and be
+    allocated and paged in again, for every slot of every batch, each epoch."""
     d = dct_scale(h, w, out.shape[0], out.shape[1])
     sh = (img_h + d - 1) // d
     sw = (img_w + d - 1) // d
@@ -56,6 +61,7 @@ def decode_crop_resize(jpeg, img_h, img_w, top, left, h, w, buf, out):
     c0 = left // d
     c1 = min((left + w + d - 1) // d, sw)
     geometry = np.empty(2, np.uint32)
+    buf = np.empty((r1 - r0) * sw * 3, np.uint8)
     status = _decode_region(jpeg.ctypes.data, jpeg.size, d, r0, r1 - r0, c0, c1 - c0,
                             buf.ctypes.data, buf.size, geometry.ctypes.data)
     if status != 0:

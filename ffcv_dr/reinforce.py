@@ -142,11 +142,10 @@ class _Image:
         self.meta['orig_width'], self.meta['orig_height'] = orig
         self.meta['width'], self.meta['height'] = stored
         self.block = np.concatenate([records.view(np.uint8).reshape(-1), jpeg])
-        self.pixels = stored[0] * stored[1]
 
     def render(self, j, pair: '_Image', recipe, layout, fresh, seed, out):
         """Reinforcement j into ``out``; ``pair`` is its paired image (or self)."""
-        temp = np.empty(temp_size(recipe, max(self.pixels, pair.pixels), out.shape), np.uint8)
+        temp = np.empty(temp_size(recipe, out.shape), np.uint8)
         render(self.block, self.meta, pair.block, pair.meta, j, seed, 0, self.index, temp, out,
                layout, fresh)
 

@@ -27,8 +27,7 @@ def test_region_decode_matches_pils_crop_and_resize(randaug_beton):
         for size in (224, 64):
             top, left, h, w = (int(v) for v in f.records(i)[0]['crop'])
             out = np.empty((size, size, 3), np.uint8)
-            assert decode_crop_resize(np.array(f.jpeg(i)), h_img, w_img, top, left, h, w,
-                                      np.empty(h_img * w_img * 3, np.uint8), out)
+            assert decode_crop_resize(np.array(f.jpeg(i)), h_img, w_img, top, left, h, w, out)
             crop = img.crop((left, top, left + w, top + h))
             pil = np.array(crop.resize((size, size), Image.BILINEAR))
             scaled = dct_scale(h, w, size, size) > 1
@@ -50,5 +49,5 @@ def test_corrupt_jpeg_gives_a_black_image_not_a_crash(randaug_beton):
     jpeg = np.array(f.jpeg(0))[:200]
     out = np.full((32, 32, 3), 7, np.uint8)
     h, w = int(meta['height']), int(meta['width'])
-    assert not decode_crop_resize(jpeg, h, w, 0, 0, h, w, np.empty(h * w * 3, np.uint8), out)
+    assert not decode_crop_resize(jpeg, h, w, 0, 0, h, w, out)
     assert not out.any()

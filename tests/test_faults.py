@@ -81,7 +81,7 @@ def stored_pixels(f: BetonFile, i) -> np.ndarray:
     m = f.image_meta[i]
     h, w = int(m['height']), int(m['width'])
     out = np.empty((h, w, 3), np.uint8)
-    assert decode_crop_resize(f.jpeg(i), h, w, 0, 0, h, w, np.empty(h * w * 3, np.uint8), out)
+    assert decode_crop_resize(f.jpeg(i), h, w, 0, 0, h, w, out)
     return out
 
 

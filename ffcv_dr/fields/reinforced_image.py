@@ -93,9 +93,7 @@ class ReinforcedImageDecoder(Operation):
 
     def declare_state_and_memory(self, previous_state: State):
         out_shape = self._out_shape()
-        pixels = (self.metadata['width'].astype(np.uint64)
-                  * self.metadata['height'].astype(np.uint64)).max()
-        temp = temp_size(self.field.recipe, int(pixels), out_shape)
+        temp = temp_size(self.field.recipe, out_shape)
         return (replace(previous_state, jit_mode=True, shape=out_shape, dtype=np.dtype('u1')),
                 (AllocationQuery(out_shape, np.dtype('u1')),
                  AllocationQuery((temp,), np.dtype('u1'))))
@@ -176,11 +174,10 @@ def fresh_settings(recipe: Recipe, out_shape) -> Fresh:
                  recipe.erase_p if recipe.erase else 0.0)
 
 
-def temp_size(recipe: Recipe, max_pixels: int, out_shape) -> int:
-    """Scratch bytes per sample: the decoded JPEG, one image for the geometric
-    ops and, when the recipe mixes, the rendered paired image."""
-    out = out_shape[0] * out_shape[1] * 3
-    return max_pixels * 3 + out * (2 if recipe.mixing else 1)
+def temp_size(recipe: Recipe, out_shape) -> int:
+    """Scratch bytes per sample: one image for the geometric ops and, when the
+    recipe mixes, the rendered paired image."""
+    return out_shape[0] * out_shape[1] * 3 * (2 if recipe.mixing else 1)
 
 
 @nb.njit(nogil=True, fastmath=False, inline='always')
@@ -200,14 +197,14 @@ def pair_index(block, j, layout):
 
 
 @nb.njit(nogil=True, fastmath=False)
-def _render_stored(block, meta, rec, view, layout, buf, scratch, out):
+def _render_stored(block, meta, rec, view, layout, scratch, out):
     """Decode, crop and resize one stored view into ``out``, then replay the rest."""
     height, width = np.int64(meta['height']), np.int64(meta['width'])
     top, left, h, w = scale_box(
         read_u16(rec, view.crop), read_u16(rec, view.crop + 2),
         read_u16(rec, view.crop + 4), read_u16(rec, view.crop + 6),
         meta['orig_height'], meta['orig_width'], height, width)
-    decode_crop_resize(block[layout.params_size:], height, width, top, left, h, w, buf, out)
+    decode_crop_resize(block[layout.params_size:], height, width, top, left, h, w, out)
     replay_view(out, rec, view, layout, scratch)
 
 
@@ -259,12 +256,12 @@ def _scale_out_box(box, sy, sx):
 
 
 @nb.njit(nogil=True, fastmath=False)
-def _render_fresh(block, meta, seed, epoch, index, layout, fresh, buf, scratch, out):
+def _render_fresh(block, meta, seed, epoch, index, layout, fresh, scratch, out):
     """A fresh augmentation with the recipe's ops, drawn from (seed, epoch, index)."""
     height, width = np.int64(meta['height']), np.int64(meta['width'])
     top, left, h, w = random_resized_crop(height, width, fresh.scale_lo, fresh.scale_hi,
                                           fresh.ratio_lo, fresh.ratio_hi, seed, epoch, index)
-    decode_crop_resize(block[layout.params_size:], height, width, top, left, h, w, buf, out)
+    decode_crop_resize(block[layout.params_size:], height, width, top, left, h, w, out)
     if fresh_flip(seed, epoch, index):
         hflip_inplace(out)
     if layout.num_ops:
@@ -291,15 +288,14 @@ def render(block, meta, pair_block, pair_meta, j, seed, epoch, index, temp, out,
     ``ffcv_fixes`` must keep FFCV from mutating numba's interned array types).
     """
     n = out.size
-    buf = temp[:temp.size - n * (2 if layout.mixing else 1)]
-    scratch = temp[buf.size:buf.size + n].reshape(out.shape)
+    scratch = temp[:n].reshape(out.shape)
     if j < 0:
-        _render_fresh(block, meta, seed, epoch, index, layout, fresh, buf, scratch, out)
+        _render_fresh(block, meta, seed, epoch, index, layout, fresh, scratch, out)
         return
     rec = block[j * layout.record_size:(j + 1) * layout.record_size]
-    _render_stored(block, meta, rec, layout.own, layout, buf, scratch, out)
+    _render_stored(block, meta, rec, layout.own, layout, scratch, out)
     if pair_index(block, j, layout) < 0:
         return
-    paired = temp[buf.size + n:].reshape(out.shape)
-    _render_stored(pair_block, pair_meta, rec, layout.paired, layout, buf, scratch, paired)
+    paired = temp[n:2 * n].reshape(out.shape)
+    _render_stored(pair_block, pair_meta, rec, layout.paired, layout, scratch, paired)
     replay_mixing(out, paired, rec, layout)
