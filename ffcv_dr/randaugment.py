@@ -170,8 +170,11 @@ def _affine_nearest(src, dst, m):
 
 @nb.njit(nogil=True, fastmath=False, inline='always')
 def _blend(degenerate, value, factor):
-    """Pillow's ImagingBlend of one value: float32 arithmetic, clipped, truncated."""
-    v = np.float32(degenerate) + factor * np.float32(np.int32(value) - np.int32(degenerate))
+    """Pillow's ImagingBlend of one value: float32 arithmetic, clipped, truncated.
+    (The difference of two 0..255 values is exact in float32; subtracting
+    there rather than in int32 lets callers' loops vectorise.)"""
+    d = np.float32(degenerate)
+    v = d + factor * (np.float32(value) - d)
     return np.uint8(min(max(v, np.float32(0.0)), np.float32(255.0)))
 
 
@@ -197,9 +200,7 @@ def _blend_image(img, degenerate, factor):
     f = np.float32(factor)
     a, d = img.reshape(-1), degenerate.reshape(-1)
     for i in range(a.size):
-        dv = np.float32(d[i])  # _blend, spelt out so that the loop vectorises
-        v = dv + f * (np.float32(a[i]) - dv)
-        a[i] = np.uint8(min(max(v, np.float32(0.0)), np.float32(255.0)))
+        a[i] = _blend(d[i], a[i], f)
 
 
 @nb.njit(nogil=True, fastmath=False, inline='always')
