@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .fields import ReinforcedImageField, SoftTargetField
 from .format import HAS_PAIR, bytes_per_reinforcement, reinforcement_dtype, topk_dtype
 from .mldr import (CONFIG_NAME, ImageSizes, MldrDirectory, MldrError, check_indices,
-                   member_index, iter_tar, load_pickle, parse_sample, recipe_from_config)
+                   member_index, iter_tar, load_pickle, parse_file, recipe_from_config)
 
 # Re-encodes: images whose format the loader can't take (CMYK, PNG, palette...)
 # keep their detail (4:4:4 chroma, quality 95); images shrunk by
@@ -152,8 +152,7 @@ def _init_parse(recipe, sizes):
 def _parse_member(item):
     name, data, index = item
     try:
-        records, topk = parse_sample(load_pickle(data, name), index, _PARSE_STATE['recipe'],
-                                     _PARSE_STATE['sizes'], name)
+        records, topk = parse_file(data, index, _PARSE_STATE['recipe'], _PARSE_STATE['sizes'], name)
         return index, records, topk, None
     except MldrError as e:
         return index, None, None, str(e)
@@ -220,8 +219,8 @@ class DirectorySource:
         self.sizes = sizes
 
     def get(self, index):
-        obj, name = self.directory.read(index)
-        return parse_sample(obj, index, self.recipe, self.sizes, name)
+        data, name = self.directory.read(index)
+        return parse_file(data, index, self.recipe, self.sizes, name)
 
 
 class _Samples:

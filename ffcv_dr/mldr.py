@@ -22,15 +22,11 @@ import numpy as np
 
 from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
                      RA_OPS, Recipe, reinforcement_dtype, topk_dtype)
+from .mldr_pickle import read_views
 
 SAMPLE_NAME = re.compile(r'(?:^|/)(\d+)\.pth\.tar$')
 CONFIG_NAME = re.compile(r'(?:^|/)config\.pth\.tar$')
 
-# The only globals an ml-dr pickle may name: numpy scalars (np.int64 in CutMix boxes).
-_ALLOWED_GLOBALS = {
-    ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
-    ('numpy', 'dtype'),
-}
 _ALLOWED_DTYPES = set('?bBhHiIlLqQefdg') | {'b1', 'i1', 'i2', 'i4', 'i8', 'u1', 'u2', 'u4',
                                             'u8', 'f2', 'f4', 'f8'}
 
@@ -48,7 +44,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED_GLOBALS:
             raise MldrError(f'{self.name}: refused: the pickle asks for {module}.{name}, '
                             'which an ml-dr reinforcement file never contains')
-        return _safe_dtype if name == 'dtype' else _safe_scalar
+        return _ALLOWED_GLOBALS[module, name]
 
     def persistent_load(self, pid):
         raise MldrError(f'{self.name}: refused: the pickle references tensor storage, '
@@ -67,19 +63,43 @@ def _safe_scalar(dtype, data=None):
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
+def _latin1_bytes(text, encoding):
+    if not isinstance(text, str) or encoding != 'latin1':
+        raise pickle.UnpicklingError("_codecs.encode is allowed only as (text, 'latin1')")
+    return text.encode('latin1')
+
+
+# The only globals an ml-dr pickle may name: numpy scalars (np.int64 in CutMix
+# boxes), whose bytes pickle protocol 2 (torch.save's default) spells as
+# _codecs.encode(text, 'latin1').
+_ALLOWED_GLOBALS = {
+    ('numpy.core.multiarray', 'scalar'): _safe_scalar, ('numpy._core.multiarray', 'scalar'): _safe_scalar,
+    ('numpy', 'dtype'): _safe_dtype, ('_codecs', 'encode'): _latin1_bytes,
+}
+
+
+def _pickle_bytes(data: bytes, name: str) -> bytes:
+    """The pickle inside a ``torch.save`` zip (or ``data`` itself, a bare pickle)."""
+    if data[:4] != b'PK\x03\x04':
+        return data
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            pkls = [n for n in zf.namelist() if n.endswith('data.pkl')]
+            if len(pkls) != 1:
+                raise MldrError(f'{name}: not a torch.save archive (no single data.pkl)')
+            return zf.read(pkls[0])
+    except (zipfile.BadZipFile, EOFError, ValueError, KeyError, zlib.error) as e:
+        raise MldrError(f'{name}: unreadable ml-dr file ({type(e).__name__}: {e})') from None
+
+
 def load_pickle(data: bytes, name: str):
     """Unpickle a ``torch.save`` zip (or a bare pickle) with the restricted unpickler."""
+    data = _pickle_bytes(data, name)
     try:
-        if data[:4] == b'PK\x03\x04':
-            with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                pkls = [n for n in zf.namelist() if n.endswith('data.pkl')]
-                if len(pkls) != 1:
-                    raise MldrError(f'{name}: not a torch.save archive (no single data.pkl)')
-                data = zf.read(pkls[0])
         return _RestrictedUnpickler(io.BytesIO(data), name).load()
     except MldrError:
         raise
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError,
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError,
             KeyError, AttributeError, IndexError, OverflowError) as e:
         raise MldrError(f'{name}: unreadable ml-dr file ({type(e).__name__}: {e})') from None
 
@@ -143,61 +163,90 @@ def _first(bad, rows):
     return rows[int(np.flatnonzero(bad)[0])]
 
 
-def _fill_views(records, rows, prefix, views, img_h, img_w, recipe, name):
-    """Validate and store one view (crop, flip, RandAugment, erasing) of each
-    reinforcement in ``rows``, vectorised over them; ``img_h``/``img_w`` are
-    the sizes of the image each view crops."""
-    rows = np.asarray(rows)
-    if not len(rows):
-        return
+@dataclass
+class Views:
+    """One view (crop, flip, RandAugment, erasing) of each of n reinforcements
+    as arrays; ``ra`` and ``erase`` hold only the rows where ``has_ra`` and
+    ``has_re`` are set."""
+    crops: np.ndarray    # (n, 4) top, left, height, width
+    flips: np.ndarray    # (n,) bool
+    has_ra: np.ndarray   # (n,) bool
+    ra: np.ndarray       # (has_ra.sum(), ra_ops, 2) op id, magnitude
+    has_re: np.ndarray   # (n,) bool
+    erase: np.ndarray    # (has_re.sum(), 4) top, left, height, width
+
+
+def _view_arrays(views, rows, recipe, name) -> Views:
+    """``views`` (ml-dr's ``[rrc, flip, ra, re]`` lists) as :class:`Views`;
+    errors name the first reinforcement (from ``rows``) of the wrong shape or type."""
     for j, v in zip(rows, views):
         if not isinstance(v, (list, tuple)) or len(v) != 4:
             raise MldrError(f'{name} (reinforcement {j}): params must be [rrc, flip, ra, re], got {v!r}')
     n = len(rows)
     crops = _numbers([v[0] for v in views], (n, 4), 'iu',
                      'RandomResizedCrop box must be 4 integers (top, left, height, width)', name, rows)
-    top, left, h, w = crops.T
-    bad = (top < 0) | (left < 0) | (h <= 0) | (w <= 0) | (top + h > img_h) | (left + w > img_w)
-    if bad.any():
-        j = _first(bad, rows)
-        k = int(np.flatnonzero(bad)[0])
-        raise MldrError(f'{name} (reinforcement {j}): RandomResizedCrop box {tuple(crops[k])} lies '
-                        f'outside the {np.broadcast_to(img_w, n)[k]}x{np.broadcast_to(img_h, n)[k]} image')
     flips = _numbers([v[1] for v in views], (n,), 'b', 'flip must be a bool', name, rows)
-    flags = np.where(flips, FLIP, 0).astype(np.uint8)
     has_ra = np.array([v[2] is not None for v in views], bool)
-    if has_ra.any():
-        if not recipe.ra_ops:
-            raise MldrError(f'{name} (reinforcement {_first(has_ra, rows)}): RandAugment parameters '
-                            'in a recipe without RandAugment')
+    ra = np.zeros((0, recipe.ra_ops, 2))
+    if has_ra.any() and recipe.ra_ops:
         ra = _numbers([v[2] for v in views if v[2] is not None], (int(has_ra.sum()), recipe.ra_ops, 2),
                       'fiu', f'expected {recipe.ra_ops} RandAugment (op id, magnitude) pairs',
                       name, rows[has_ra]).astype(np.float64)
-        ops, mags = ra[..., 0], ra[..., 1]
-        bad = ((ops != np.floor(ops)) | (ops < 0) | (ops >= len(RA_OPS)) | ~np.isfinite(mags)).any(axis=1)
-        if bad.any():
-            raise MldrError(f'{name} (reinforcement {_first(bad, rows[has_ra])}): bad RandAugment op '
-                            f'(op id 0..{len(RA_OPS) - 1}, finite magnitude)')
-        records[prefix + 'ra_op'][rows[has_ra]] = ops
-        records[prefix + 'ra_mag'][rows[has_ra]] = mags
-        flags[has_ra] |= HAS_RA
     has_re = np.array([v[3] is not None for v in views], bool)
-    if has_re.any():
-        if not recipe.erase:
-            raise MldrError(f'{name} (reinforcement {_first(has_re, rows)}): RandomErasing box in a '
-                            'recipe without erasing')
-        boxes = _numbers([v[3] for v in views if v[3] is not None], (int(has_re.sum()), 4), 'iu',
+    erase = np.zeros((0, 4), np.int64)
+    if has_re.any() and recipe.erase:
+        erase = _numbers([v[3] for v in views if v[3] is not None], (int(has_re.sum()), 4), 'iu',
                          'RandomErasing box must be 4 integers (top, left, height, width)',
                          name, rows[has_re])
-        t, l, bh, bw = boxes.T
+    return Views(crops, flips, has_ra, ra, has_re, erase)
+
+
+def _store_views(records, rows, prefix, v: Views, img_h, img_w, recipe, name):
+    """Check the views of the reinforcements in ``rows`` against the recipe and
+    the image sizes (``img_h``/``img_w``: of the image each view crops) and
+    store them, vectorised over the rows."""
+    if not len(rows):
+        return
+    n = len(rows)
+    top, left, h, w = v.crops.T
+    bad = (top < 0) | (left < 0) | (h <= 0) | (w <= 0) | (top + h > img_h) | (left + w > img_w)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise MldrError(f'{name} (reinforcement {rows[k]}): RandomResizedCrop box {tuple(v.crops[k])} lies '
+                        f'outside the {np.broadcast_to(img_w, n)[k]}x{np.broadcast_to(img_h, n)[k]} image')
+    flags = np.where(v.flips, FLIP, 0).astype(np.uint8)
+    if v.has_ra.any():
+        if not recipe.ra_ops:
+            raise MldrError(f'{name} (reinforcement {_first(v.has_ra, rows)}): RandAugment parameters '
+                            'in a recipe without RandAugment')
+        ops, mags = v.ra[..., 0], v.ra[..., 1]
+        bad = ((ops != np.floor(ops)) | (ops < 0) | (ops >= len(RA_OPS)) | ~np.isfinite(mags)).any(axis=1)
+        if bad.any():
+            raise MldrError(f'{name} (reinforcement {_first(bad, rows[v.has_ra])}): bad RandAugment op '
+                            f'(op id 0..{len(RA_OPS) - 1}, finite magnitude)')
+        records[prefix + 'ra_op'][rows[v.has_ra]] = ops
+        records[prefix + 'ra_mag'][rows[v.has_ra]] = mags
+        flags[v.has_ra] |= HAS_RA
+    if v.has_re.any():
+        if not recipe.erase:
+            raise MldrError(f'{name} (reinforcement {_first(v.has_re, rows)}): RandomErasing box in a '
+                            'recipe without erasing')
+        t, l, bh, bw = v.erase.T
         bad = (t < 0) | (l < 0) | (bh <= 0) | (bw <= 0) | (t + bh > recipe.size) | (l + bw > recipe.size)
         if bad.any():
-            raise MldrError(f'{name} (reinforcement {_first(bad, rows[has_re])}): RandomErasing box '
+            raise MldrError(f'{name} (reinforcement {_first(bad, rows[v.has_re])}): RandomErasing box '
                             f'lies outside the {recipe.size}x{recipe.size} output')
-        records[prefix + 'erase'][rows[has_re]] = boxes
-        flags[has_re] |= HAS_ERASE
-    records[prefix + 'crop'][rows] = crops
+        records[prefix + 'erase'][rows[v.has_re]] = v.erase
+        flags[v.has_re] |= HAS_ERASE
+    records[prefix + 'crop'][rows] = v.crops
     records[prefix + 'flags'][rows] = flags
+
+
+def _fill_views(records, rows, prefix, views, img_h, img_w, recipe, name):
+    rows = np.asarray(rows)
+    if len(rows):
+        _store_views(records, rows, prefix, _view_arrays(views, rows, recipe, name),
+                     img_h, img_w, recipe, name)
 
 
 def _fill_mixing(records, params, recipe, index, sizes: ImageSizes, name):
@@ -255,16 +304,35 @@ def _fill_mixing(records, params, recipe, index, sizes: ImageSizes, name):
         rec['mix_flags'] = mix_flags
 
 
+def parse_file(data: bytes, expected_index: int, recipe: Recipe, sizes: ImageSizes, name: str):
+    """:func:`parse_sample` of the file's bytes ``data``, read by the compiled
+    reader where it knows the layout; otherwise (and for every error message)
+    unpickled first."""
+    views = None if recipe.mixing else read_views(_pickle_bytes(data, name), recipe.ra_ops, recipe.topk)
+    if views is None:
+        return parse_sample(load_pickle(data, name), expected_index, recipe, sizes, name)
+    index, crops, flips, has_ra, ra, has_re, erase, values, ids = views
+    _check_header(index, len(crops), expected_index, recipe, name)
+    records = np.zeros(recipe.num_samples, reinforcement_dtype(recipe))
+    _store_views(records, np.arange(len(crops)), '', Views(crops, flips, has_ra, ra[has_ra], has_re, erase[has_re]),
+                 int(sizes.heights[expected_index]), int(sizes.widths[expected_index]), recipe, name)
+    return records, _store_topk(values, ids, recipe, name)
+
+
+def _check_header(index, count, expected_index, recipe, name):
+    if not isinstance(index, (int, np.integer)) or int(index) != expected_index:
+        raise MldrError(f'{name}: holds index {index!r}, expected {expected_index}')
+    if count != recipe.num_samples:
+        raise MldrError(f'{name}: has {count} reinforcements, the config says {recipe.num_samples}')
+
+
 def parse_sample(obj, expected_index: int, recipe: Recipe, sizes: ImageSizes, name: str):
     """Validate one unpickled ml-dr sample; return (reinforcement records, top-k records).
     The checks run on arrays of all reinforcements at once: ImageNet+ has 400."""
     if not isinstance(obj, (tuple, list)) or len(obj) != 2 or not isinstance(obj[1], list):
         raise MldrError(f'{name}: expected (index, [reinforcements]), got {type(obj).__name__}')
     index, samples = obj
-    if not isinstance(index, (int, np.integer)) or int(index) != expected_index:
-        raise MldrError(f'{name}: holds index {index!r}, expected {expected_index}')
-    if len(samples) != recipe.num_samples:
-        raise MldrError(f'{name}: has {len(samples)} reinforcements, the config says {recipe.num_samples}')
+    _check_header(index, len(samples), expected_index, recipe, name)
     params, probs = [], []
     for j, sample in enumerate(samples):
         try:
@@ -282,16 +350,17 @@ def parse_sample(obj, expected_index: int, recipe: Recipe, sizes: ImageSizes, na
     else:
         _fill_views(records, np.arange(len(params)), '', params, int(sizes.heights[expected_index]),
                     int(sizes.widths[expected_index]), recipe, name)
-    return records, _topk(probs, recipe, name)
-
-
-def _topk(probs, recipe, name):
-    k, n = recipe.topk, len(probs)
-    rows = np.arange(n)
+    k, n, rows = recipe.topk, len(probs), np.arange(len(probs))
     values = _numbers([p[0] for p in probs], (n, k), 'fiu',
                       f'expected {k} probabilities (finite numbers)', name, rows).astype(np.float64)
     ids = _numbers([p[1] for p in probs], (n, k), 'iu',
                    f'class ids must be integers in 0..{recipe.num_classes - 1} ({k} of them)', name, rows)
+    return records, _store_topk(values, ids, recipe, name)
+
+
+def _store_topk(values, ids, recipe, name):
+    """Check the teacher's top-k of each reinforcement; return them as top-k records."""
+    rows = np.arange(len(values))
     bad = ~np.isfinite(values).all(axis=1)
     if bad.any():
         raise MldrError(f'{name} (reinforcement {_first(bad, rows)}): probabilities must be finite '
@@ -308,7 +377,7 @@ def _topk(probs, recipe, name):
     if bad.any():
         raise MldrError(f'{name} (reinforcement {_first(bad, rows)}): class ids repeat: '
                         f'{ids[bad][0].tolist()!r}')
-    topk = np.zeros(n, topk_dtype(recipe))
+    topk = np.zeros(len(values), topk_dtype(recipe))
     topk['prob'] = values
     topk['cls'] = ids
     return topk
@@ -337,9 +406,10 @@ class MldrDirectory:
         check_indices(found, num_images, path)
 
     def read(self, index: int):
+        """(bytes, path) of image ``index``'s file."""
         name = os.path.join(self.path, f'{index}.pth.tar')
         with open(name, 'rb') as f:
-            return load_pickle(f.read(), name), name
+            return f.read(), name
 
 
 def check_indices(found, num_images, where):
