@@ -22,6 +22,7 @@ import numpy as np
 
 from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
                      RA_OPS, Recipe, reinforcement_dtype, topk_dtype)
+from .mldr_checks import bad_ra, box_outside, topk_problem
 from .mldr_pickle import read_views
 
 SAMPLE_NAME = re.compile(r'(?:^|/)(\d+)\.pth\.tar$')
@@ -208,33 +209,31 @@ def _store_views(records, rows, prefix, v: Views, img_h, img_w, recipe, name):
     if not len(rows):
         return
     n = len(rows)
-    top, left, h, w = v.crops.T
-    bad = (top < 0) | (left < 0) | (h <= 0) | (w <= 0) | (top + h > img_h) | (left + w > img_w)
-    if bad.any():
-        k = int(np.flatnonzero(bad)[0])
+    heights, widths = np.broadcast_to(img_h, n), np.broadcast_to(img_w, n)
+    k = box_outside(v.crops, heights, widths)
+    if k >= 0:
         raise MldrError(f'{name} (reinforcement {rows[k]}): RandomResizedCrop box {tuple(v.crops[k])} lies '
-                        f'outside the {np.broadcast_to(img_w, n)[k]}x{np.broadcast_to(img_h, n)[k]} image')
+                        f'outside the {widths[k]}x{heights[k]} image')
     flags = np.where(v.flips, FLIP, 0).astype(np.uint8)
     if v.has_ra.any():
         if not recipe.ra_ops:
             raise MldrError(f'{name} (reinforcement {_first(v.has_ra, rows)}): RandAugment parameters '
                             'in a recipe without RandAugment')
-        ops, mags = v.ra[..., 0], v.ra[..., 1]
-        bad = ((ops != np.floor(ops)) | (ops < 0) | (ops >= len(RA_OPS)) | ~np.isfinite(mags)).any(axis=1)
-        if bad.any():
-            raise MldrError(f'{name} (reinforcement {_first(bad, rows[v.has_ra])}): bad RandAugment op '
+        k = bad_ra(v.ra, len(RA_OPS))
+        if k >= 0:
+            raise MldrError(f'{name} (reinforcement {rows[v.has_ra][k]}): bad RandAugment op '
                             f'(op id 0..{len(RA_OPS) - 1}, finite magnitude)')
-        records[prefix + 'ra_op'][rows[v.has_ra]] = ops
-        records[prefix + 'ra_mag'][rows[v.has_ra]] = mags
+        records[prefix + 'ra_op'][rows[v.has_ra]] = v.ra[..., 0]
+        records[prefix + 'ra_mag'][rows[v.has_ra]] = v.ra[..., 1]
         flags[v.has_ra] |= HAS_RA
     if v.has_re.any():
         if not recipe.erase:
             raise MldrError(f'{name} (reinforcement {_first(v.has_re, rows)}): RandomErasing box in a '
                             'recipe without erasing')
-        t, l, bh, bw = v.erase.T
-        bad = (t < 0) | (l < 0) | (bh <= 0) | (bw <= 0) | (t + bh > recipe.size) | (l + bw > recipe.size)
-        if bad.any():
-            raise MldrError(f'{name} (reinforcement {_first(bad, rows[v.has_re])}): RandomErasing box '
+        size = np.full(len(v.erase), recipe.size)
+        k = box_outside(v.erase, size, size)
+        if k >= 0:
+            raise MldrError(f'{name} (reinforcement {rows[v.has_re][k]}): RandomErasing box '
                             f'lies outside the {recipe.size}x{recipe.size} output')
         records[prefix + 'erase'][rows[v.has_re]] = v.erase
         flags[v.has_re] |= HAS_ERASE
@@ -360,23 +359,14 @@ def parse_sample(obj, expected_index: int, recipe: Recipe, sizes: ImageSizes, na
 
 def _store_topk(values, ids, recipe, name):
     """Check the teacher's top-k of each reinforcement; return them as top-k records."""
-    rows = np.arange(len(values))
-    bad = ~np.isfinite(values).all(axis=1)
-    if bad.any():
-        raise MldrError(f'{name} (reinforcement {_first(bad, rows)}): probabilities must be finite '
-                        f'numbers, got {values[bad][0].tolist()!r}')
-    bad = (values < 0).any(axis=1) | (values > 1).any(axis=1) | (values.sum(axis=1) > 1.0 + 1e-3)
-    if bad.any():
-        raise MldrError(f'{name} (reinforcement {_first(bad, rows)}): probabilities must lie in [0, 1] '
-                        f'and sum to at most 1, got {values[bad][0].tolist()!r}')
-    bad = ((ids < 0) | (ids >= recipe.num_classes)).any(axis=1)
-    if bad.any():
-        raise MldrError(f'{name} (reinforcement {_first(bad, rows)}): class ids must be integers in '
-                        f'0..{recipe.num_classes - 1}, got {ids[bad][0].tolist()!r}')
-    bad = (np.diff(np.sort(ids, axis=1), axis=1) == 0).any(axis=1)
-    if bad.any():
-        raise MldrError(f'{name} (reinforcement {_first(bad, rows)}): class ids repeat: '
-                        f'{ids[bad][0].tolist()!r}')
+    problem, j = topk_problem(values, ids, recipe.num_classes)
+    if problem:
+        what = {1: 'probabilities must be finite numbers',
+                2: 'probabilities must lie in [0, 1] and sum to at most 1',
+                3: f'class ids must be integers in 0..{recipe.num_classes - 1}',
+                4: 'class ids repeat'}[problem]
+        raise MldrError(f'{name} (reinforcement {j}): {what}, got '
+                        f'{(values if problem < 3 else ids)[j].tolist()!r}')
     topk = np.zeros(len(values), topk_dtype(recipe))
     topk['prob'] = values
     topk['cls'] = ids

@@ -386,3 +386,20 @@ def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     with pytest.raises(ConvertError, match=r'x\.beton: needs about 0\.\d+ GB, but only 0\.00 GB are free'):
         convert(IMAGES, str(tmp_path / 'x.beton'), RANDAUG, num_workers=2)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_killed_writer_process_stops_the_write_with_a_message(tmp_path, monkeypatch):
+    """A worker killed mid-write (as by the kernel's OOM killer): FFCV's writer
+    would wait for it forever; ffcv-dr stops, says so and leaves nothing."""
+    import ffcv_dr.convert as conv
+    read, victim = conv.read_jpeg, list_images(IMAGES).paths[100]
+
+    def read_or_die(path, *args):
+        if path == victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return read(path, *args)
+
+    monkeypatch.setattr(conv, 'read_jpeg', read_or_die)
+    with pytest.raises(ConvertError, match=r'k\.beton: writing failed .*a writer process died \(exit code -9\)'):
+        convert(IMAGES, str(tmp_path / 'k.beton'), RANDAUG, num_workers=2)
+    assert os.listdir(tmp_path) == []

@@ -96,3 +96,16 @@ def test_damaged_bytes_give_nothing_or_what_the_unpickler_gives():
         obj = load_pickle(bad.tobytes(), "damaged")
         _assert_same(views, _unpickled_views(obj, recipe))
     assert accepted > 100  # changed numbers are read, not refused
+
+
+@pytest.mark.parametrize('protocol', [2, 4])
+def test_lists_pickled_in_batches(protocol):
+    """Pickle appends over 1000 items in batches; the reader moves the list's
+    items to keep them together."""
+    recipe = _recipe(NS400)
+    name = os.path.join(NS400, '9.pth.tar')
+    index, samples = load_pickle(open(name, 'rb').read(), name)
+    obj = (index, [dict(s, params=list(s['params'])) for s in samples * 4])  # 1600, not all shared
+    views = read_views(_pickle_bytes(_torch_save(obj, protocol), name), recipe.ra_ops, recipe.topk)
+    assert views is not None and len(views[1]) == 1600
+    _assert_same(views, _unpickled_views(obj, recipe))
