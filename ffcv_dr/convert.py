@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import io
 import multiprocessing as mp
 import os
@@ -134,7 +135,8 @@ def _stored_size(width, height, max_resolution):
 def read_jpeg(path, width, height, passthrough, max_resolution):
     """The bytes to store: the original JPEG, or an RGB re-encode where needed."""
     if passthrough:
-        return np.fromfile(path, dtype=np.uint8), width, height
+        with open(path, 'rb') as f:
+            return np.frombuffer(f.read(), np.uint8), width, height
     import cv2
     with Image.open(path) as img:
         rgb = np.asarray(img.convert('RGB'))
@@ -279,8 +281,9 @@ class _Samples:
 class _Writer(DatasetWriter):
     """FFCV's writer, except that
     - a worker that fails (a full disk, say) records why and releases the main
-      process and the other workers, which FFCV leaves waiting forever;
+      process, which FFCV leaves waiting forever;
     - a worker that dies (killed) stops the write instead of hanging it;
+    - workers write their pages without waiting for each other (:class:`_Pages`);
     - the main process waits on the workers' results instead of checking a
       counter every 0.1 s, which cost every file 0.1-0.2 s."""
 
@@ -295,12 +298,14 @@ class _Writer(DatasetWriter):
         for item in list(queue_content) + [None] * self.num_workers:
             work.put(item)
         done = mp.Value(ctypes.c_uint64, 0)
-        allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+        allocator = _Pages(self.fname, self.data_region_start, self.page_size)
         args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, results,
                 *extra_worker_args)
         workers = [mp.Process(target=work_fn, args=args) for _ in range(self.num_workers)]
+        gc.freeze()  # the workers' garbage collector then leaves the parent's objects (and pages) alone
         for w in workers:
             w.start()
+        gc.unfreeze()
         allocations, finished = [], 0
         try:
             with tqdm(total=num_samples, desc='writing', unit='img') as bar:
@@ -331,13 +336,31 @@ def _writer_job(input_queue, metadata_sm, metadata_type, fields, allocator, done
                                    done_number, allocations_queue, samples)
     except Exception as e:  # noqa: BLE001 -- recorded, and the caller raises ConvertError
         samples.fail(f'{samples.output}: writing failed ({type(e).__name__}: {e})')
-        turn = allocator.next_page_written  # workers write pages in turn, spinning on this
-        with turn.get_lock():
-            if turn.value == allocator.my_page:
-                turn.value += 1  # the failed page's turn passes on
-        with done_number.get_lock():
-            done_number.value = len(samples)  # ends FFCV's progress loop
-        allocations_queue.put([])
+        allocations_queue.put([])  # the main process waits for one result per worker
+
+
+class _Pages(MemoryAllocator):
+    """FFCV's page allocator, except that a full page is written at its place
+    in the file at once (``os.pwrite``). FFCV's writes pages in order, so a
+    worker whose page filled first sat idle until the other workers' earlier
+    pages were written: with two workers, a third of their time."""
+
+    def __enter__(self):
+        self.fd = os.open(self.fname, os.O_WRONLY)
+
+    def flush_page(self):
+        if self.my_page >= 0:
+            page = memoryview(self.page_data)
+            at = self.offset + self.my_page * self.page_size
+            while page:  # pwrite may write less than asked
+                written = os.pwrite(self.fd, page, at)
+                page, at = page[written:], at + written
+
+    def __exit__(self, *exc):
+        try:
+            self.flush_page()
+        finally:
+            os.close(self.fd)
 
 
 def _check_free_space(output, scratch, images, probes, recipe, num_workers):

@@ -22,7 +22,7 @@ import numpy as np
 
 from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
                      RA_OPS, Recipe, reinforcement_dtype, topk_dtype)
-from .mldr_checks import bad_ra, box_outside, topk_problem
+from .mldr_checks import store_views, topk_problem
 from .mldr_pickle import read_views
 
 SAMPLE_NAME = re.compile(r'(?:^|/)(\d+)\.pth\.tar$')
@@ -167,14 +167,14 @@ def _first(bad, rows):
 @dataclass
 class Views:
     """One view (crop, flip, RandAugment, erasing) of each of n reinforcements
-    as arrays; ``ra`` and ``erase`` hold only the rows where ``has_ra`` and
+    as arrays; rows of ``ra`` and ``erase`` count only where ``has_ra`` and
     ``has_re`` are set."""
     crops: np.ndarray    # (n, 4) top, left, height, width
     flips: np.ndarray    # (n,) bool
     has_ra: np.ndarray   # (n,) bool
-    ra: np.ndarray       # (has_ra.sum(), ra_ops, 2) op id, magnitude
+    ra: np.ndarray       # (n, ra_ops, 2) op id, magnitude
     has_re: np.ndarray   # (n,) bool
-    erase: np.ndarray    # (has_re.sum(), 4) top, left, height, width
+    erase: np.ndarray    # (n, 4) top, left, height, width
 
 
 def _view_arrays(views, rows, recipe, name) -> Views:
@@ -188,57 +188,51 @@ def _view_arrays(views, rows, recipe, name) -> Views:
                      'RandomResizedCrop box must be 4 integers (top, left, height, width)', name, rows)
     flips = _numbers([v[1] for v in views], (n,), 'b', 'flip must be a bool', name, rows)
     has_ra = np.array([v[2] is not None for v in views], bool)
-    ra = np.zeros((0, recipe.ra_ops, 2))
+    ra = np.zeros((n, recipe.ra_ops, 2))
     if has_ra.any() and recipe.ra_ops:
-        ra = _numbers([v[2] for v in views if v[2] is not None], (int(has_ra.sum()), recipe.ra_ops, 2),
-                      'fiu', f'expected {recipe.ra_ops} RandAugment (op id, magnitude) pairs',
-                      name, rows[has_ra]).astype(np.float64)
+        ra[has_ra] = _numbers([v[2] for v in views if v[2] is not None], (int(has_ra.sum()), recipe.ra_ops, 2),
+                              'fiu', f'expected {recipe.ra_ops} RandAugment (op id, magnitude) pairs',
+                              name, rows[has_ra])
     has_re = np.array([v[3] is not None for v in views], bool)
-    erase = np.zeros((0, 4), np.int64)
+    erase = np.zeros((n, 4), np.int64)
     if has_re.any() and recipe.erase:
-        erase = _numbers([v[3] for v in views if v[3] is not None], (int(has_re.sum()), 4), 'iu',
-                         'RandomErasing box must be 4 integers (top, left, height, width)',
-                         name, rows[has_re])
+        erase[has_re] = _numbers([v[3] for v in views if v[3] is not None], (int(has_re.sum()), 4), 'iu',
+                                 'RandomErasing box must be 4 integers (top, left, height, width)',
+                                 name, rows[has_re])
     return Views(crops, flips, has_ra, ra, has_re, erase)
 
 
 def _store_views(records, rows, prefix, v: Views, img_h, img_w, recipe, name):
     """Check the views of the reinforcements in ``rows`` against the recipe and
     the image sizes (``img_h``/``img_w``: of the image each view crops) and
-    store them, vectorised over the rows."""
-    if not len(rows):
-        return
+    store them."""
     n = len(rows)
-    heights, widths = np.broadcast_to(img_h, n), np.broadcast_to(img_w, n)
-    k = box_outside(v.crops, heights, widths)
-    if k >= 0:
+    if not n:
+        return
+    if v.has_ra.any() and not recipe.ra_ops:
+        raise MldrError(f'{name} (reinforcement {_first(v.has_ra, rows)}): RandAugment parameters '
+                        'in a recipe without RandAugment')
+    if v.has_re.any() and not recipe.erase:
+        raise MldrError(f'{name} (reinforcement {_first(v.has_re, rows)}): RandomErasing box in a '
+                        'recipe without erasing')
+    heights = np.broadcast_to(np.asarray(img_h, np.int64), n)
+    widths = np.broadcast_to(np.asarray(img_w, np.int64), n)
+    none = np.zeros((0, 0), np.uint8)
+    field = lambda f, on: records[prefix + f] if on else none  # noqa: E731
+    problem, k = store_views(np.asarray(rows, np.int64), v.crops, v.flips, v.has_ra, v.ra, v.has_re,
+                             v.erase, heights, widths, len(RA_OPS), recipe.size,
+                             records[prefix + 'crop'], records[prefix + 'flags'],
+                             field('ra_op', recipe.ra_ops), field('ra_mag', recipe.ra_ops),
+                             field('erase', recipe.erase), FLIP, HAS_RA, HAS_ERASE)
+    if problem == 1:
         raise MldrError(f'{name} (reinforcement {rows[k]}): RandomResizedCrop box {tuple(v.crops[k])} lies '
                         f'outside the {widths[k]}x{heights[k]} image')
-    flags = np.where(v.flips, FLIP, 0).astype(np.uint8)
-    if v.has_ra.any():
-        if not recipe.ra_ops:
-            raise MldrError(f'{name} (reinforcement {_first(v.has_ra, rows)}): RandAugment parameters '
-                            'in a recipe without RandAugment')
-        k = bad_ra(v.ra, len(RA_OPS))
-        if k >= 0:
-            raise MldrError(f'{name} (reinforcement {rows[v.has_ra][k]}): bad RandAugment op '
-                            f'(op id 0..{len(RA_OPS) - 1}, finite magnitude)')
-        records[prefix + 'ra_op'][rows[v.has_ra]] = v.ra[..., 0]
-        records[prefix + 'ra_mag'][rows[v.has_ra]] = v.ra[..., 1]
-        flags[v.has_ra] |= HAS_RA
-    if v.has_re.any():
-        if not recipe.erase:
-            raise MldrError(f'{name} (reinforcement {_first(v.has_re, rows)}): RandomErasing box in a '
-                            'recipe without erasing')
-        size = np.full(len(v.erase), recipe.size)
-        k = box_outside(v.erase, size, size)
-        if k >= 0:
-            raise MldrError(f'{name} (reinforcement {rows[v.has_re][k]}): RandomErasing box '
-                            f'lies outside the {recipe.size}x{recipe.size} output')
-        records[prefix + 'erase'][rows[v.has_re]] = v.erase
-        flags[v.has_re] |= HAS_ERASE
-    records[prefix + 'crop'][rows] = v.crops
-    records[prefix + 'flags'][rows] = flags
+    if problem == 2:
+        raise MldrError(f'{name} (reinforcement {rows[k]}): bad RandAugment op '
+                        f'(op id 0..{len(RA_OPS) - 1}, finite magnitude)')
+    if problem == 3:
+        raise MldrError(f'{name} (reinforcement {rows[k]}): RandomErasing box '
+                        f'lies outside the {recipe.size}x{recipe.size} output')
 
 
 def _fill_views(records, rows, prefix, views, img_h, img_w, recipe, name):
@@ -313,7 +307,7 @@ def parse_file(data: bytes, expected_index: int, recipe: Recipe, sizes: ImageSiz
     index, crops, flips, has_ra, ra, has_re, erase, values, ids = views
     _check_header(index, len(crops), expected_index, recipe, name)
     records = np.zeros(recipe.num_samples, reinforcement_dtype(recipe))
-    _store_views(records, np.arange(len(crops)), '', Views(crops, flips, has_ra, ra[has_ra], has_re, erase[has_re]),
+    _store_views(records, np.arange(len(crops)), '', Views(crops, flips, has_ra, ra, has_re, erase),
                  int(sizes.heights[expected_index]), int(sizes.widths[expected_index]), recipe, name)
     return records, _store_topk(values, ids, recipe, name)
 

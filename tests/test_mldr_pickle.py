@@ -30,13 +30,9 @@ def _unpickled_views(obj, recipe):
     """What parse_sample reads from an unpickled sample, as read_views lays it out."""
     index, samples = obj
     v = _view_arrays([s['params'] for s in samples], np.arange(len(samples)), recipe, 'x')
-    ra = np.zeros((len(samples), recipe.ra_ops, 2))
-    ra[v.has_ra] = v.ra
-    erase = np.zeros((len(samples), 4), np.int64)
-    erase[v.has_re] = v.erase
     values = np.array([s['prob'][0] for s in samples], np.float64)
     ids = np.array([s['prob'][1] for s in samples])
-    return index, v.crops, v.flips, v.has_ra, ra, v.has_re, erase, values, ids
+    return index, v.crops, v.flips, v.has_ra, v.ra, v.has_re, v.erase, values, ids
 
 
 def _assert_same(got, want):
