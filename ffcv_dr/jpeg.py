@@ -18,6 +18,9 @@ _decode_region.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ct
 _check_jpeg = _lib.check_jpeg
 _check_jpeg.restype = ctypes.c_int
 _check_jpeg.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_void_p]
+_read_header = _lib.read_header
+_read_header.restype = ctypes.c_int
+_read_header.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_void_p]
 _resize_crop = ctypes.CDLL(_resize.__file__).resize_crop_aa
 _resize_crop.restype = ctypes.c_int
 _resize_crop.argtypes = [ctypes.c_void_p] + [ctypes.c_uint32] * 6 + [ctypes.c_void_p] + [ctypes.c_uint32] * 2
@@ -31,6 +34,15 @@ def check_jpeg(data: bytes):
     problem = ('not a decodable JPEG' if status < 0 else
                'truncated or corrupt JPEG data' if status > 0 else None)
     return problem, int(dims[0]), int(dims[1])
+
+
+def jpeg_header(data: bytes):
+    """(width, height, colour components, bits per sample) from a JPEG's
+    header, without decoding; None where libjpeg cannot read it."""
+    info = np.zeros(4, np.uint32)
+    if _read_header(data, len(data), info.ctypes.data) != 0:
+        return None
+    return tuple(int(v) for v in info)
 
 
 @nb.njit(nogil=True, fastmath=False)

@@ -115,6 +115,17 @@ def test_unreadable_images_stop_the_run_naming_the_file(faulty_folder, tmp_path)
     assert os.listdir(tmp_path) == []
 
 
+def test_jpeg_headers_read_by_libjpeg_agree_with_pil(faulty_folder, monkeypatch):
+    """The probe reads JPEG headers with libjpeg and leaves the rest to PIL:
+    sizes, pass-through and problems come out as PIL alone gives them."""
+    import ffcv_dr.convert as conv
+    paths = list_images(IMAGES).paths + sorted(str(p) for p in (faulty_folder / WNID).iterdir())
+    fast = [conv._probe_image((p, None)) for p in paths]
+    monkeypatch.setattr(conv, 'jpeg_header', lambda data: None)
+    assert fast == [conv._probe_image((p, None)) for p in paths]
+    assert sum(probe is None for _, probe, _ in fast) == len(UNREADABLE)
+
+
 def test_skip_bad_reports_each_unreadable_image(skipped_run, faulty_folder):
     out, result = skipped_run
     found = len(os.listdir(faulty_folder / WNID))
