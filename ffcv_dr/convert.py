@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import gc
 import io
 import multiprocessing as mp
 import os
@@ -308,10 +307,8 @@ class _Writer(DatasetWriter):
         args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, results,
                 *extra_worker_args)
         workers = [mp.Process(target=work_fn, args=args) for _ in range(self.num_workers)]
-        gc.freeze()  # the workers' garbage collector then leaves the parent's objects (and pages) alone
         for w in workers:
             w.start()
-        gc.unfreeze()
         allocations, finished = [], 0
         try:
             with tqdm(total=num_samples, desc='writing', unit='img') as bar:
