@@ -53,11 +53,11 @@ reinforcement takes 23 + 40 = 63 bytes.
 """
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass, asdict
 
 import numpy as np
-from numpy.lib.recfunctions import repack_fields
 
 FORMAT_VERSION = 3   # 2: CRC32s cover the metadata fields and the top-k block too;
 #                     3: the recipe holds its draw settings (scale, ratio, magnitude, erase p)
@@ -106,9 +106,13 @@ def block_crc(meta, block) -> int:
     byte in a JPEG, a record or the metadata is caught. ``meta``: one row, as
     a numpy record or a one-row array (what FFCV's writer passes)."""
     row = np.asarray(meta).reshape(-1)[:1]
-    names = [n for n in row.dtype.names if n not in ('data_ptr', 'crc32')]
-    fields = repack_fields(row[names]).tobytes()
+    fields = b''.join(row[n].tobytes() for n in _crc_fields(row.dtype))
     return zlib.crc32(block, zlib.crc32(fields))
+
+
+@functools.lru_cache(maxsize=None)
+def _crc_fields(dtype) -> tuple:
+    return tuple(n for n in dtype.names if n not in ('data_ptr', 'crc32'))
 
 
 MAX_CLASSES = 1 << 16
@@ -191,6 +195,7 @@ def view_dtype(recipe: Recipe, prefix: str = '') -> list:
     return fields
 
 
+@functools.lru_cache(maxsize=None)  # built per image by convert otherwise
 def reinforcement_dtype(recipe: Recipe) -> np.dtype:
     """Packed dtype of the augmentation parameters of one reinforcement."""
     fields = view_dtype(recipe)
@@ -201,6 +206,7 @@ def reinforcement_dtype(recipe: Recipe) -> np.dtype:
     return np.dtype(fields)
 
 
+@functools.lru_cache(maxsize=None)
 def topk_dtype(recipe: Recipe) -> np.dtype:
     """Packed dtype of the teacher's top-k for one reinforcement."""
     return np.dtype([('prob', '<f2', (recipe.topk,)), ('cls', '<u2', (recipe.topk,))])

@@ -215,8 +215,8 @@ def _store_views(records, rows, prefix, v: Views, img_h, img_w, recipe, name):
     if v.has_re.any() and not recipe.erase:
         raise MldrError(f'{name} (reinforcement {_first(v.has_re, rows)}): RandomErasing box in a '
                         'recipe without erasing')
-    heights = np.broadcast_to(np.asarray(img_h, np.int64), n)
-    widths = np.broadcast_to(np.asarray(img_w, np.int64), n)
+    heights, widths = np.empty(n, np.int64), np.empty(n, np.int64)
+    heights[:], widths[:] = img_h, img_w  # one size, or one per view
     none = np.zeros((0, 0), np.uint8)
     field = lambda f, on: records[prefix + f] if on else none  # noqa: E731
     problem, k = store_views(np.asarray(rows, np.int64), v.crops, v.flips, v.has_ra, v.ra, v.has_re,

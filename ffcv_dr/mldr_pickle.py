@@ -199,13 +199,13 @@ def _arena(data, work, num):
     return -1
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True, nogil=True, inline='always')
 def _seq(kind, count, node, size):
     """Whether ``node`` is a list or tuple of ``size`` items."""
     return (kind[node] == LIST or kind[node] == TUPLE) and count[node] == size
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True, nogil=True, inline='always')
 def _numbers_into(out, kind, num, first, count, kids, node, ints_only):
     """A list or tuple of len(out) ints (or ints and floats) into ``out``."""
     if not _seq(kind, count, node, len(out)):
@@ -218,7 +218,7 @@ def _numbers_into(out, kind, num, first, count, kids, node, ints_only):
     return True
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True, nogil=True, inline='always')
 def _is(data, kind, first, count, node, text):
     """Whether ``node`` is the string ``text`` (ASCII bytes)."""
     if kind[node] != STR or count[node] != len(text):
