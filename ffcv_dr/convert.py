@@ -1,12 +1,12 @@
 """``ffcv-dr convert``: an ImageFolder plus ml-dr reinforcements into one ``.beton``.
 
-Three passes, each parallel with a progress bar:
+Three passes, each with a progress bar:
 1. image headers (size, format, colour mode) to know the box space of every
-   image and which ones need re-encoding;
+   image and which ones need re-encoding (in parallel for large folders);
 2. for a ``.tar``/``.tar.gz`` archive only: stream it once, validate every
    pickle and keep the compact records in memory-mapped scratch files;
-3. FFCV's ``DatasetWriter`` writes the file under a temporary name, which is
-   renamed only once everything is written and checked.
+3. FFCV's ``DatasetWriter`` (see :class:`_Writer`) writes the file under a
+   temporary name, which is renamed only once everything is written and checked.
 """
 from __future__ import annotations
 
