@@ -78,35 +78,12 @@ int decode_region(const uint8_t *jpeg, uint64_t size, uint32_t denom,
     return 0;
 }
 
-/* Read the header only: info receives width, height, the number of colour
- * components and the sample precision in bits. Returns 0, or -1 when libjpeg
- * cannot read the header. */
-int read_header(const uint8_t *jpeg, uint64_t size, uint32_t *info) {
-    struct jpeg_decompress_struct cinfo;
-    struct error_manager err;
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = on_error;
-    err.pub.output_message = on_message;
-    if (setjmp(err.jump)) {
-        jpeg_destroy_decompress(&cinfo);
-        return -1;
-    }
-    jpeg_create_decompress(&cinfo);
-    jpeg_mem_src(&cinfo, jpeg, (unsigned long)size);
-    jpeg_read_header(&cinfo, TRUE);
-    info[0] = cinfo.image_width;
-    info[1] = cinfo.image_height;
-    info[2] = (uint32_t)cinfo.num_components;
-    info[3] = (uint32_t)cinfo.data_precision;
-    jpeg_destroy_decompress(&cinfo);
-    return 0;
-}
-
-/* Decode the whole JPEG at 1/8 scale, discarding the pixels, to check it.
- * dims receives the header's width and height. Returns -1 when libjpeg
- * gives up, else the number of warnings (corrupt data, premature end of
- * file: libjpeg decodes through those, padding with grey). */
-int check_jpeg(const uint8_t *jpeg, uint64_t size, uint32_t *dims) {
+/* Read the JPEG's header into info (width, height, colour components, bits
+ * per sample) and, if decode is set, decode the whole image at 1/8 scale,
+ * discarding the pixels, to check it. Returns -1 when libjpeg gives up, else
+ * the number of warnings (corrupt data, premature end of file: libjpeg
+ * decodes through those, padding with grey). */
+int check_jpeg(const uint8_t *jpeg, uint64_t size, int decode, uint32_t *info) {
     struct jpeg_decompress_struct cinfo;
     struct error_manager err;
     JSAMPROW row = NULL;
@@ -121,8 +98,14 @@ int check_jpeg(const uint8_t *jpeg, uint64_t size, uint32_t *dims) {
     jpeg_create_decompress(&cinfo);
     jpeg_mem_src(&cinfo, jpeg, (unsigned long)size);
     jpeg_read_header(&cinfo, TRUE);
-    dims[0] = cinfo.image_width;
-    dims[1] = cinfo.image_height;
+    info[0] = cinfo.image_width;
+    info[1] = cinfo.image_height;
+    info[2] = (uint32_t)cinfo.num_components;
+    info[3] = (uint32_t)cinfo.data_precision;
+    if (!decode) {
+        jpeg_destroy_decompress(&cinfo);
+        return 0;
+    }
     cinfo.out_color_space = JCS_RGB;
     cinfo.scale_num = 1;
     cinfo.scale_denom = 8;

@@ -17,10 +17,7 @@ _decode_region.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ct
                            ctypes.c_uint64, ctypes.c_void_p]
 _check_jpeg = _lib.check_jpeg
 _check_jpeg.restype = ctypes.c_int
-_check_jpeg.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_void_p]
-_read_header = _lib.read_header
-_read_header.restype = ctypes.c_int
-_read_header.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_void_p]
+_check_jpeg.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_void_p]
 _resize_crop = ctypes.CDLL(_resize.__file__).resize_crop_aa
 _resize_crop.restype = ctypes.c_int
 _resize_crop.argtypes = [ctypes.c_void_p] + [ctypes.c_uint32] * 6 + [ctypes.c_void_p] + [ctypes.c_uint32] * 2
@@ -29,18 +26,18 @@ _resize_crop.argtypes = [ctypes.c_void_p] + [ctypes.c_uint32] * 6 + [ctypes.c_vo
 def check_jpeg(data: bytes):
     """(problem or None, width, height) of a JPEG, decoded in full at 1/8
     scale (ctypes releases the GIL, so threads check in parallel)."""
-    dims = np.zeros(2, np.uint32)
-    status = _check_jpeg(bytes(data), len(data), dims.ctypes.data)
+    info = np.zeros(4, np.uint32)
+    status = _check_jpeg(bytes(data), len(data), 1, info.ctypes.data)
     problem = ('not a decodable JPEG' if status < 0 else
                'truncated or corrupt JPEG data' if status > 0 else None)
-    return problem, int(dims[0]), int(dims[1])
+    return problem, int(info[0]), int(info[1])
 
 
 def jpeg_header(data: bytes):
     """(width, height, colour components, bits per sample) from a JPEG's
     header, without decoding; None where libjpeg cannot read it."""
     info = np.zeros(4, np.uint32)
-    if _read_header(data, len(data), info.ctypes.data) != 0:
+    if _check_jpeg(data, len(data), 0, info.ctypes.data) != 0:
         return None
     return tuple(int(v) for v in info)
 
