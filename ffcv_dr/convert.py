@@ -346,7 +346,7 @@ class _Pages(MemoryAllocator):
     """FFCV's page allocator, except that a full page is written at its place
     in the file at once (``os.pwrite``). FFCV's writes pages in order, so a
     worker whose page filled first sat idle until the other workers' earlier
-    pages were written: up to a third of their time with two workers here."""
+    pages were written."""
 
     def __enter__(self):
         self.fd = os.open(self.fname, os.O_WRONLY)
