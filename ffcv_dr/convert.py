@@ -467,8 +467,8 @@ def convert(images_dir: str, output: str, mldr: str, num_workers: int = None,
     sizes = image_sizes(probes)
     images, probes, skipped = readable(images, probes)
     scratch = tempfile.mkdtemp(prefix='.ffcv-dr-', dir=out_dir)
-    compile_here()
     try:
+        compile_here()
         if os.path.isdir(mldr):
             source = DirectorySource(mldr, n, images.num_classes, sizes)
         else:

@@ -207,8 +207,6 @@ def _store_views(records, rows, prefix, v: Views, img_h, img_w, recipe, name):
     the image sizes (``img_h``/``img_w``: of the image each view crops) and
     store them."""
     n = len(rows)
-    if not n:
-        return
     if v.has_ra.any() and not recipe.ra_ops:
         raise MldrError(f'{name} (reinforcement {_first(v.has_ra, rows)}): RandAugment parameters '
                         'in a recipe without RandAugment')
@@ -301,7 +299,10 @@ def parse_file(data: bytes, expected_index: int, recipe: Recipe, sizes: ImageSiz
     """:func:`parse_sample` of the file's bytes ``data``, read by the compiled
     reader where it knows the layout; otherwise (and for every error message)
     unpickled first."""
-    views = None if recipe.mixing else read_views(_pickle_bytes(data, name), recipe.ra_ops, recipe.topk)
+    if recipe.mixing:
+        return parse_sample(load_pickle(data, name), expected_index, recipe, sizes, name)
+    data = _pickle_bytes(data, name)  # unzipped once, for either reader
+    views = read_views(data, recipe.ra_ops, recipe.topk)
     if views is None:
         return parse_sample(load_pickle(data, name), expected_index, recipe, sizes, name)
     index, crops, flips, has_ra, ra, has_re, erase, values, ids = views
