@@ -69,11 +69,11 @@ def main():
     offsets = np.concatenate([[0], np.cumsum([b.size for b in blocks])])
     data, meta = np.concatenate(blocks), f.image_meta
     js = np.random.default_rng(0).integers(0, f.recipe.num_samples, n)
-    layout, fresh = render_layout(f.recipe), fresh_settings(f.recipe, (size, size))
+    layout, fresh = render_layout(f.recipe), fresh_settings(f.recipe)
     outs = np.empty((n, size, size, 3), np.uint8)
     scratch = np.empty((size, size, 3), np.uint8)
     temp = np.empty(temp_size(f.recipe, (size, size)), np.uint8)
-    jpegs = [np.array(f.jpeg(i)) for i in range(n)]
+    jpegs = [np.array(f.payload(i)) for i in range(n)]
     jpeg_data, jpeg_offsets = np.concatenate(jpegs), np.concatenate([[0], np.cumsum([j.size for j in jpegs])])
     heights, widths = meta['height'].copy(), meta['width'].copy()
     buf = np.empty(int((meta['height'].astype(np.int64) * meta['width']).max()) * 3, np.uint8)

@@ -5,7 +5,8 @@
  * (jpeg_crop_scanline, jpeg_skip_scanlines), stop after the last needed row
  * and scale by 1/2, 1/4 or 1/8 inside the IDCT. FFCV's libffcv only offers a
  * lossless transform before decoding, which costs more than it saves.
- * Called from numba through ctypes, as FFCV calls libffcv.
+ * Called from numba kernels by symbol name (see ffcv_dr/jpeg.py), and from
+ * Python through ctypes.
  */
 #include <Python.h>
 #include <setjmp.h>
@@ -30,7 +31,7 @@ static void on_message(j_common_ptr cinfo) { (void)cinfo; }
  * decoded width). The columns are widened to iMCU boundaries: geometry[0]
  * receives the first decoded column and geometry[1] the decoded width.
  * Returns 0, or -1 when the JPEG is corrupt or the region does not fit. */
-int decode_region(const uint8_t *jpeg, uint64_t size, uint32_t denom,
+int ffcv_dr_decode_region(const uint8_t *jpeg, uint64_t size, uint32_t denom,
                   uint32_t top, uint32_t height, uint32_t left, uint32_t width,
                   uint8_t *out, uint64_t out_size, uint32_t *geometry) {
     struct jpeg_decompress_struct cinfo;
@@ -83,7 +84,7 @@ int decode_region(const uint8_t *jpeg, uint64_t size, uint32_t denom,
  * discarding the pixels, to check it. Returns -1 when libjpeg gives up, else
  * the number of warnings (corrupt data, premature end of file: libjpeg
  * decodes through those, padding with grey). */
-int check_jpeg(const uint8_t *jpeg, uint64_t size, int decode, uint32_t *info) {
+int ffcv_dr_check_jpeg(const uint8_t *jpeg, uint64_t size, int decode, uint32_t *info) {
     struct jpeg_decompress_struct cinfo;
     struct error_manager err;
     JSAMPROW row = NULL;
@@ -126,6 +127,6 @@ int check_jpeg(const uint8_t *jpeg, uint64_t size, int decode, uint32_t *info) {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_jpeg",
-    "libjpeg-turbo region decoding; the functions are called through ctypes", -1, NULL};
+    "libjpeg-turbo region decoding; the functions are called from numba and ctypes", -1, NULL};
 
 PyMODINIT_FUNC PyInit__jpeg(void) { return PyModule_Create(&module); }

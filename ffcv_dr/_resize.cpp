@@ -6,7 +6,7 @@
  * INTER_LINEAR aliases. A blur of variance (f^2 - 1) / 6 followed by
  * INTER_LINEAR (whose triangle has variance 1/6) gives PIL's variance at
  * about a third of INTER_AREA's cost, and closer to PIL's pixels.
- * Called from numba through ctypes, as FFCV calls libffcv.
+ * Called from numba kernels by symbol name (see ffcv_dr/jpeg.py).
  */
 #include <Python.h>
 #include <stdint.h>
@@ -34,7 +34,7 @@ extern "C" {
  * (src_h x src_w RGB, rows contiguous), resized. The crop is blurred in
  * place and, as PIL sees a cropped image, its edges are replicated rather
  * than read from around it. Returns 0, or -1 when OpenCV fails. */
-int resize_crop_aa(uint8_t *src, uint32_t src_h, uint32_t src_w, uint32_t y0, uint32_t y1,
+int ffcv_dr_resize_crop(uint8_t *src, uint32_t src_h, uint32_t src_w, uint32_t y0, uint32_t y1,
                    uint32_t x0, uint32_t x1, uint8_t *dst, uint32_t out_h, uint32_t out_w) {
     try {
         cv::Mat image((int)src_h, (int)src_w, CV_8UC3, src);
@@ -57,6 +57,6 @@ int resize_crop_aa(uint8_t *src, uint32_t src_h, uint32_t src_w, uint32_t y0, ui
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_resize",
-    "OpenCV antialiased crop resizing; the function is called through ctypes", -1, NULL};
+    "OpenCV antialiased crop resizing; the function is called from numba", -1, NULL};
 
 PyMODINIT_FUNC PyInit__resize(void) { return PyModule_Create(&module); }

@@ -1,25 +1,36 @@
 """``ffcv-dr bench DATA.beton``: loader and conversion throughput, side by side.
 
-Everything runs in one process on the same images, JPEG bytes and worker
-count, and the inputs the baselines need are written from the ``.beton``
-itself into a temporary folder:
+Everything runs in one process on the same source images and worker count;
+the inputs the baselines need are written from the ``.beton`` (which must
+hold original JPEG bytes) into a temporary folder. The strongest baseline is
+the file an ffcv-imagenet user already has:
 
-A  libjpeg-turbo full decode of the stored JPEGs on ``workers`` threads (the ceiling);
-B  plain FFCV: RandomResizedCrop + flip + integer labels, from a ``.beton``
-   whose RGBImageField holds the very same JPEG bytes;
-C  ffcv-dr: the full stored recipe with dense soft targets;
-D  ml-dr's loader design: one pickle of all reinforcements read per sample,
-   PIL decode, torchvision crop/RandAugment/erasing, a PyTorch DataLoader;
-and ``ffcv-dr convert`` against FFCV's own RGBImageField writer.
+B_imagenet  plain FFCV RandomResizedCrop + flip + labels on ImageNet as
+            ffcv-imagenet writes it: FFCV's own ``DatasetWriter`` with
+            ``RGBImageField(write_mode='proportion', compress_probability=0.5,
+            max_resolution=500, jpeg_quality=90)`` (half the images raw pixels);
+B_jpg       the same loader on FFCV's writer in jpg mode, quality 90;
+B_same      the same loader on an RGBImageField holding C_orig's very JPEG bytes;
+C_orig      ffcv-dr, the full stored recipe + dense soft targets, original bytes;
+C_matched   the same on a file converted with B_imagenet's storage settings;
+D           ml-dr's loader design: one pickle of all reinforcements read per
+            sample, PIL decode, torchvision ops, a PyTorch DataLoader;
+A           libjpeg-turbo full decode of the original JPEGs (a ceiling).
 
-Each loader runs a warm-up epoch, then ``epochs`` timed ones; the median is
-reported. C runs 20 epochs in all, over which its RSS growth is measured.
+B and C run at each output size, in epochs of at least ``epoch_images``
+(the file's indices tiled), every loader one epoch per round, rounds
+interleaved; round 0 compiles and warms up, the median of the others is
+reported. Time to first batch is measured in new processes, the first with
+an empty numba cache and the second with the cache the first left. Then
+``ffcv-dr convert`` against FFCV's writer.
 """
 from __future__ import annotations
 
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +48,8 @@ from ffcv.writer import DatasetWriter
 from PIL import Image
 
 from .beton import BetonFile
-from .convert import WRITER_CHUNK, convert
-from .format import RA_OPS
+from .convert import WRITER_CHUNK
+from .format import RA_OPS, STORED_JPEG
 from .mldr import load_pickle
 from .pipelines import epoch_rate, epoch_rates, image_stages
 
@@ -67,7 +78,7 @@ class _StoredJpegs:
 
     def __getitem__(self, i):
         meta = self.f.image_meta[i]
-        return (np.array(self.f.jpeg(i)), int(meta['width']), int(meta['height'])), self.f.label(i)
+        return (np.array(self.f.payload(i)), int(meta['width']), int(meta['height'])), self.f.label(i)
 
 
 def _rss() -> tuple:
@@ -86,7 +97,7 @@ def _decode_all(jpegs, offsets, heights, widths, buf):
 
 def full_decode_rate(f: BetonFile, workers: int, repeats: int) -> list:
     """A: every stored JPEG decoded whole, split over ``workers`` threads."""
-    jpegs = [np.array(f.jpeg(i)) for i in range(len(f))]
+    jpegs = [np.array(f.payload(i)) for i in range(len(f))]
     offsets = np.concatenate([[0], np.cumsum([j.size for j in jpegs])])
     data = np.concatenate(jpegs)
     heights, widths = f.image_meta['height'].copy(), f.image_meta['width'].copy()
@@ -113,14 +124,16 @@ def write_plain_beton(f: BetonFile, path: str, workers: int):
                   num_workers=workers).from_indexed_dataset(_StoredJpegs(f))
 
 
-def plain_ffcv_loader(path, batch_size, workers, size, device=None):
+def plain_ffcv_loader(path, batch_size, workers, size, device=None, indices=None):
     """B: FFCV's own RandomResizedCrop + flip and integer labels, with ffcv-dr's
-    :func:`image_stages` after them."""
+    :func:`image_stages` after them, the file in memory (ffcv-imagenet's
+    ``in_memory=1``, as the ffcv-dr Loader's default)."""
     label = [IntDecoder(), ToTensor()]
     if device is not None:
         label += [Squeeze(), ToDevice(torch.device(device), non_blocking=True)]
     return FFCVLoader(path, batch_size=batch_size, num_workers=workers, order=OrderOption.RANDOM,
-                      drop_last=True, custom_fields={'image': RGBImageField},
+                      drop_last=True, os_cache=True, indices=indices,
+                      custom_fields={'image': RGBImageField},
                       pipelines={'image': [RandomResizedCropRGBImageDecoder((size, size)),
                                            RandomHorizontalFlip(), *image_stages(device)],
                                  'label': label})
@@ -137,7 +150,7 @@ def write_mldr_folder(f: BetonFile, root: str):
         raise ValueError(f'{f.path}: labels are not in ImageFolder order')
     for i, label in enumerate(labels):
         os.makedirs(os.path.join(images, f'{label:05d}'), exist_ok=True)
-        f.jpeg(i).tofile(os.path.join(images, f'{label:05d}', f'{i:08d}.jpg'))
+        f.payload(i).tofile(os.path.join(images, f'{label:05d}', f'{i:08d}.jpg'))
         samples = []
         for k in range(f.recipe.num_samples):
             d = f.describe(i, k)
@@ -196,48 +209,111 @@ class MldrStyleDataset(torch.utils.data.Dataset):
         return x, target
 
 
-def ffcv_writer_rate(images, path, workers) -> float:
-    """FFCV's own conversion of the ImageFolder, as its ImageNet example writes it
-    (with ffcv-dr's work-item size, so both balance their workers alike)."""
+def ffcv_writer_rate(images, path, workers, field: RGBImageField) -> float:
+    """FFCV's own conversion of the ImageFolder into ``field``, as its ImageNet
+    example writes it (with ffcv-dr's work-item size, so both balance their
+    workers alike)."""
     from torchvision.datasets import ImageFolder
     start = time.perf_counter()
-    DatasetWriter(path, {'image': RGBImageField(write_mode='jpg', jpeg_quality=90),
-                         'label': IntField()},
+    DatasetWriter(path, {'image': field, 'label': IntField()},
                   num_workers=workers).from_indexed_dataset(ImageFolder(images), chunksize=WRITER_CHUNK)
     return len(ImageFolder(images).samples) / (time.perf_counter() - start)
 
 
-def run(beton: str, out_dir: str, workers: int = None, batch_size: int = 64,
-        epochs: int = 5, repeats: int = 3) -> dict:
+def tiled(n: int, epoch_images: int) -> np.ndarray:
+    """Indices of an epoch of at least ``epoch_images`` images from a file of ``n``."""
+    return np.tile(np.arange(n), -(-epoch_images // n))
+
+
+def first_batch_seconds(kind: str, path: str, size: int, batch_size: int, workers: int,
+                        cache_dir: str) -> float:
+    """Seconds from building a loader to holding its first batch, in a new
+    process (imports excluded) whose numba cache is ``cache_dir``."""
+    env = {**os.environ, 'NUMBA_CACHE_DIR': cache_dir}
+    out = subprocess.run([sys.executable, '-m', 'ffcv_dr.bench', kind, path, str(size),
+                          str(batch_size), str(workers)], env=env, capture_output=True, text=True,
+                         check=True)
+    return float(out.stdout.split()[-1])
+
+
+def _first_batch(kind, path, size, batch_size, workers):
     from .pipelines import Loader
+    start = time.perf_counter()
+    if kind == 'ffcv':
+        loader = plain_ffcv_loader(path, batch_size, workers, size)
+    else:
+        loader = Loader(path, batch_size=batch_size, num_workers=workers, output_size=(size, size))
+    next(iter(loader))
+    print(time.perf_counter() - start)
+
+
+FFCV_IMAGENET = dict(write_mode='proportion', compress_probability=0.5, max_resolution=500,
+                     jpeg_quality=90)   # ffcv-imagenet's write_imagenet.sh 500 0.50 90
+
+
+def run(beton: str, out_dir: str, workers: int = None, batch_size: int = 64,
+        rounds: int = 3, epoch_images: int = 4096, sizes=(176, 224), repeats: int = 3) -> dict:
+    from .convert import convert
+    from .pipelines import Loader
+    from .storage import Storage
     workers = workers or os.cpu_count()
     f = BetonFile(beton)
-    if f.recipe.mixing:
-        raise ValueError(f'{beton}: the benchmark compares the ImageNet+ recipe; this file mixes images')
-    size, n = f.recipe.size, len(f)
-    res = {'beton': os.path.abspath(beton), 'images': n, 'workers': workers,
-           'batch_size': batch_size, 'reinforcements_per_image': f.recipe.num_samples}
+    if f.recipe.mixing or np.any(f.image_meta['mode'] != STORED_JPEG):
+        raise ValueError(f'{beton}: the benchmark takes the ImageNet+ recipe on original JPEG '
+                         'bytes (no mixing, write mode original)')
+    n = len(f)
+    indices = tiled(n, epoch_images)
+    res = {'beton': os.path.abspath(beton), 'images': n, 'epoch_images': len(indices),
+           'workers': workers, 'batch_size': batch_size, 'sizes': list(sizes),
+           'reinforcements_per_image': f.recipe.num_samples, 'rates': {}}
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        print(f'benchmark: {n} images, {workers} workers, batch {batch_size}; preparing inputs in {tmp}')
-        plain = os.path.join(tmp, 'plain.beton')
-        write_plain_beton(f, plain, workers)
+        print(f'benchmark: {n} images in epochs of {len(indices)}, {workers} workers, batch '
+              f'{batch_size}, {rounds} rounds; preparing inputs in {tmp}')
         images, mldr = write_mldr_folder(f, tmp)
+        files = {'B_same': os.path.join(tmp, 'same.beton'), 'B_imagenet': os.path.join(tmp, 'imagenet.beton'),
+                 'B_jpg': os.path.join(tmp, 'jpg.beton'), 'C_orig': beton,
+                 'C_matched': os.path.join(tmp, 'matched.beton')}
+        write_plain_beton(f, files['B_same'], workers)
+        ffcv_writer_rate(images, files['B_imagenet'], workers, RGBImageField(**FFCV_IMAGENET))
+        ffcv_writer_rate(images, files['B_jpg'], workers, RGBImageField(write_mode='jpg', jpeg_quality=90))
+        convert(images, files['C_matched'], mldr, num_workers=workers, num_classes=f.recipe.num_classes,
+                storage=Storage(**FFCV_IMAGENET))
+        res['file_bytes'] = {k: os.path.getsize(p) for k, p in files.items()}
 
-        res['A_full_decode'] = full_decode_rate(f, workers, repeats)
-        res['B_ffcv_rrc'] = epoch_rates(plain_ffcv_loader(plain, batch_size, workers, size), RSS_EPOCHS - 1)
-        loader = Loader(beton, batch_size=batch_size, num_workers=workers, seed=0)
-        rates, rss = [], []
-        for _ in range(RSS_EPOCHS):
-            rates.append(epoch_rate(loader))
-            rss.append(_rss()[0])
-        res['C_ffcv_dr'] = rates[1:]  # the first epoch compiles and warms up
-        res['rss_after_first_epoch'], res['rss_after_last_epoch'] = rss[0], rss[-1]
-        res['rss_growth'] = rss[-1] / rss[0] - 1
+        loaders = {}
+        for size in sizes:
+            for kind, path in files.items():
+                loaders[f'{kind}@{size}'] = (
+                    plain_ffcv_loader(path, batch_size, workers, size, indices=indices)
+                    if kind.startswith('B') else
+                    Loader(path, batch_size=batch_size, num_workers=workers, seed=0, indices=indices,
+                           output_size=(size, size)))
+        rss = []
+        for r in range(rounds + 1):  # round 0 compiles and warms up
+            for name, loader in loaders.items():
+                rate = epoch_rate(loader)
+                if r:
+                    res['rates'].setdefault(name, []).append(rate)
+                if name.startswith('C_orig'):
+                    rss.append(_rss()[0])
+            print(f'round {r}: ' + ', '.join(f'{k} {v[-1]:.0f}' for k, v in res['rates'].items()))
+        del loaders
+        res['rss_growth'] = rss[-1] / rss[1] - 1  # from the first timed epoch of C_orig on
         res['peak_rss'] = _rss()[1]
-        dataset = MldrStyleDataset(images, mldr, f.recipe.num_classes, size)
-        res['D_mldr_design'] = epoch_rates(torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
-            persistent_workers=True), epochs)
+        res['rates']['A_full_decode'] = full_decode_rate(f, workers, repeats)
+        for size in sizes:
+            dataset = MldrStyleDataset(images, mldr, f.recipe.num_classes, size)
+            res['rates'][f'D@{size}'] = epoch_rates(torch.utils.data.DataLoader(
+                dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                persistent_workers=True), repeats)
+
+        cold = os.path.join(tmp, 'numba-cache')
+        res['first_batch_s'] = {
+            'B_imagenet': [first_batch_seconds('ffcv', files['B_imagenet'], sizes[-1], batch_size,
+                                               workers, cold) for _ in range(2)],
+            'C_orig': [first_batch_seconds('ffcv-dr', beton, sizes[-1], batch_size, workers, cold)
+                       for _ in range(2)]}
+
         convert_rates, writer_rates = [], []
         out = os.path.join(tmp, 'out.beton')
         for r in range(repeats + 1):  # the first of each imports what it uses: warm-up
@@ -245,55 +321,82 @@ def run(beton: str, out_dir: str, workers: int = None, batch_size: int = 64,
             convert(images, out, mldr, num_workers=workers, num_classes=f.recipe.num_classes)
             convert_rates.append(n / (time.perf_counter() - start))
             os.remove(out)  # so that neither write waits on the other's pages going to disk
-            writer_rates.append(ffcv_writer_rate(images, out, workers))
+            writer_rates.append(ffcv_writer_rate(images, out, workers,
+                                                 RGBImageField(write_mode='jpg', jpeg_quality=90)))
             os.remove(out)
-        res['convert_ffcv_dr'], res['convert_ffcv_writer'] = convert_rates[1:], writer_rates[1:]
+        res['rates']['convert_ffcv_dr'], res['rates']['convert_ffcv_writer'] = convert_rates[1:], writer_rates[1:]
     return summarise(res, out_dir)
 
 
-LABELS = {'A_full_decode': 'A  libjpeg-turbo full decode',
-          'B_ffcv_rrc': 'B  FFCV RandomResizedCrop + flip',
-          'C_ffcv_dr': 'C  ffcv-dr full recipe + soft targets',
-          'D_mldr_design': "D  ml-dr's loader design (pickles + PIL)",
-          'convert_ffcv_dr': 'ffcv-dr convert',
-          'convert_ffcv_writer': "FFCV's RGBImageField writer"}
+ROWS = {'B_imagenet': "B  FFCV RRC+flip, ImageNet as ffcv-imagenet writes it (500 / 0.50 / 90)",
+        'B_jpg': 'B  FFCV RRC+flip, FFCV writer jpg q90',
+        'B_same': "B  FFCV RRC+flip, ffcv-dr's own JPEG bytes (same bytes as C_orig)",
+        'C_matched': 'C  ffcv-dr full recipe + soft targets, stored as B_imagenet',
+        'C_orig': 'C  ffcv-dr full recipe + soft targets, original JPEG bytes',
+        'D': "D  ml-dr's loader design (pickles + PIL)"}
+OTHER = {'A_full_decode': 'A  libjpeg-turbo full decode (original bytes)',
+         'convert_ffcv_dr': 'ffcv-dr convert (original bytes)',
+         'convert_ffcv_writer': "FFCV's writer (jpg q90)"}
 
 
 def summarise(res: dict, out_dir: str) -> dict:
-    med = {k: statistics.median(res[k]) for k in LABELS}
+    med = {k: statistics.median(v) for k, v in res['rates'].items()}
     res['median_images_per_s'] = med
-    res['R1'], res['R2'], res['R3'] = (med['C_ffcv_dr'] / med['B_ffcv_rrc'],
-                                       med['C_ffcv_dr'] / med['D_mldr_design'],
-                                       med['C_ffcv_dr'] / med['A_full_decode'])
+    sizes = res['sizes']
+    ratios = {}
+    for size in sizes:
+        def m(k):
+            return med[f'{k}@{size}']
+        ratios[size] = {'C_matched/B_imagenet': m('C_matched') / m('B_imagenet'),
+                        'C_orig/B_imagenet': m('C_orig') / m('B_imagenet'),
+                        'C_orig/B_jpg': m('C_orig') / m('B_jpg'),
+                        'C/D': m('C_orig') / m('D')}
+    res['ratios'] = ratios
     res['conversion_speedup'] = med['convert_ffcv_dr'] / med['convert_ffcv_writer']
-    print(f'\n{"":44s} {"images/s":>9s} {"runs":>5s}')
-    for k, label in LABELS.items():
-        print(f'{label:44s} {med[k]:9.0f} {len(res[k]):5d}')
-    print(f'\nconversion: ffcv-dr convert is {res["conversion_speedup"]:.2f}x FFCV\'s writer')
-    print(f'RSS: peak {res["peak_rss"] / 2**20:.0f} MiB; growth from epoch 1 to {RSS_EPOCHS}: '
+    print(f'\n{"":70s}' + ''.join(f'{f"{s} px":>9s}' for s in sizes))
+    for k, label in ROWS.items():
+        print(f'{label:70s}' + ''.join(f'{med[f"{k}@{s}"]:9.0f}' for s in sizes))
+    for k, label in OTHER.items():
+        print(f'{label:70s}{med[k]:9.0f}')
+    first = res['first_batch_s']
+    print(f'\ntime to first batch at {sizes[-1]} px, first / second process: B_imagenet '
+          f'{first["B_imagenet"][0]:.1f} / {first["B_imagenet"][1]:.1f} s, C_orig '
+          f'{first["C_orig"][0]:.1f} / {first["C_orig"][1]:.1f} s')
+    print(f'conversion: ffcv-dr convert is {res["conversion_speedup"]:.2f}x FFCV\'s writer')
+    print(f'RSS of C: peak {res["peak_rss"] / 2**20:.0f} MiB; growth over the timed epochs: '
           f'{100 * res["rss_growth"]:+.1f}%')
     with open(os.path.join(out_dir, 'bench.json'), 'w') as fp:
         json.dump(res, fp, indent=1)
-    _chart(med, os.path.join(out_dir, 'bench.png'))
+    _chart(med, sizes, os.path.join(out_dir, 'bench.png'))
     print(f'wrote {os.path.join(out_dir, "bench.json")} and bench.png')
-    print(f'R1=C/B={res["R1"]:.2f} R2=C/D={res["R2"]:.2f} R3=C/A={res["R3"]:.2f}')
+    print(' '.join(f'{k}=' + '/'.join(f'{ratios[s][k]:.2f}' for s in sizes) for k in ratios[sizes[0]])
+          + f' ({"/".join(str(s) for s in sizes)} px)')
     return res
 
 
-def _chart(med: dict, path: str):
+def _chart(med: dict, sizes, path: str):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    keys = list(LABELS)
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    colors = ['#999999', '#4c72b0', '#dd8452', '#c44e52', '#dd8452', '#4c72b0']
-    ax.barh(range(len(keys)), [med[k] for k in keys], color=colors)
-    ax.set_yticks(range(len(keys)), [LABELS[k] for k in keys])
+    keys = list(ROWS)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    height = 0.8 / len(sizes)
+    for k, size in enumerate(sizes):
+        values = [med[f'{key}@{size}'] for key in keys]
+        ys = np.arange(len(keys)) + k * height
+        ax.barh(ys, values, height=height, label=f'{size} px')
+        for y, v in zip(ys, values):
+            ax.text(v, y, f' {v:.0f}', va='center', fontsize=8)
+    ax.set_yticks(np.arange(len(keys)) + height * (len(sizes) - 1) / 2,
+                  [ROWS[k].split(', ', 1)[-1] if k != 'D' else ROWS[k][3:] for k in keys], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel('images/s (median)')
-    ax.set_xlim(0, 1.15 * max(med.values()))
-    for i, k in enumerate(keys):
-        ax.text(med[k], i, f' {med[k]:.0f}', va='center')
+    ax.set_xlabel('images/s (median of the rounds)')
+    ax.set_xlim(0, 1.15 * max(med[f'{k}@{s}'] for k in keys for s in sizes))
+    ax.legend(loc='lower right')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+if __name__ == '__main__':  # one time-to-first-batch measurement: KIND PATH SIZE BATCH WORKERS
+    _first_batch(sys.argv[1], sys.argv[2], *(int(v) for v in sys.argv[3:6]))

@@ -44,8 +44,8 @@ class BetonFile:
             raise ValueError(f'{self.path}: no data block starts at byte {int(ptr)}')
         return self._mmap[int(ptr):int(ptr) + int(self._sizes[k])]
 
-    def jpeg_bytes(self) -> int:
-        """Bytes taken by all stored JPEGs (image blocks less their parameters)."""
+    def image_bytes(self) -> int:
+        """Bytes taken by all stored images (image blocks less their parameters)."""
         blocks = self._sizes[np.searchsorted(self._ptrs, self.image_meta['data_ptr'])]
         return int(blocks.sum()) - len(self) * self.params_size
 
@@ -55,14 +55,16 @@ class BetonFile:
     def records(self, index: int) -> np.ndarray:
         return self.image_block(index)[:self.params_size].view(self.record_dtype)
 
-    def jpeg(self, index: int) -> np.ndarray:
+    def payload(self, index: int) -> np.ndarray:
+        """The stored image: JPEG bytes, or raw RGB pixels (``image_meta['mode']``)."""
         return self.image_block(index)[self.params_size:]
 
     def render(self, index: int, j: int, seed=0, epoch=0, size=None) -> np.ndarray:
         """Reinforcement ``j`` of image ``index`` (fresh when j < 0) as the loader
-        renders it, through the same jitted kernel: uint8 HWC."""
+        renders it, through the same jitted kernel: uint8 HWC of ``size`` (a
+        side or (height, width); default: the recipe's)."""
         size = size or self.recipe.size
-        out = np.empty((size, size, 3), np.uint8)
+        out = np.empty((size, size, 3) if np.isscalar(size) else (*size, 3), np.uint8)
         layout = render_layout(self.recipe)
         block = self.image_block(index)
         pair = pair_index(block, j, layout)
@@ -70,7 +72,7 @@ class BetonFile:
         render(block, self.image_meta[index], self.image_block(pair), self.image_meta[pair],
                j, np.uint64(seed), epoch, index,
                np.empty(temp_size(self.recipe, out.shape), np.uint8), out, layout,
-               fresh_settings(self.recipe, out.shape))
+               fresh_settings(self.recipe))
         return out
 
     def topk(self, index: int) -> np.ndarray:

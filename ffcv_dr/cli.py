@@ -7,15 +7,21 @@ import os
 import sys
 
 
+def _storage(args):
+    from .storage import Storage
+    return Storage(args.write_mode, args.max_resolution, args.compress_probability,
+                   args.jpeg_quality, args.smart_threshold)
+
+
 def _convert(args):
     from .convert import convert
     result = convert(args.images, args.output, args.mldr, num_workers=args.workers,
-                     max_resolution=args.max_resolution, num_classes=args.num_classes,
-                     skip_bad=args.skip_bad)
+                     num_classes=args.num_classes, skip_bad=args.skip_bad, storage=_storage(args))
     recipe = result['recipe']
     print(f"wrote {result['output']}: {result['images']} images x {recipe.num_samples} "
           f"reinforcements, top-{recipe.topk} of {recipe.num_classes} classes "
-          f"({result['class_space']} labels, {result['re_encoded']} images re-encoded)")
+          f"({result['class_space']} labels, write mode {result['storage'].write_mode}, "
+          f"{result['re_encoded']} images re-encoded or raw)")
     _report_skipped(result)
 
 
@@ -48,12 +54,15 @@ def _replay(args):
 
 
 def _info(args):
+    import numpy as np
     from .beton import BetonFile
+    from .format import STORED_RAW
     f = BetonFile(args.beton)
     r, n = f.recipe, len(f)
     reinforcements = n * r.num_samples
     params = reinforcements * f.record_dtype.itemsize
     probs = reinforcements * f.topk_dtype.itemsize
+    raw = int(np.count_nonzero(f.image_meta['mode'] == STORED_RAW))
     info = {
         'path': args.beton, 'images': n, 'classes': r.num_classes,
         'reinforcements_per_image': r.num_samples, 'topk': r.topk,
@@ -61,7 +70,9 @@ def _info(args):
                    'mixing': r.mixing, 'size': r.size},
         'fields': {name: type(h).__name__ for name, h in f.reader.handlers.items()},
         'file_bytes': os.path.getsize(args.beton),
-        'jpeg_bytes': f.jpeg_bytes(),
+        'stored_jpeg': n - raw, 'stored_raw': raw,
+        'image_bytes': f.image_bytes(),
+        'image_bytes_per_image': round(f.image_bytes() / max(1, n)),
         'param_bytes': params,
         'prob_bytes': probs,
         'param_bytes_per_reinforcement': f.record_dtype.itemsize,
@@ -97,7 +108,7 @@ def _reinforce(args):
                        ratio=args.ratio, ra_ops=args.ra_ops, ra_magnitude=args.ra_magnitude,
                        erase_p=args.erase_p, batch_size=args.batch_size, device=args.device,
                        seed=args.seed, checkpoints=args.checkpoint or (), chunk=args.chunk,
-                       num_workers=args.workers, max_resolution=args.max_resolution,
+                       num_workers=args.workers, storage=_storage(args),
                        pretrained=not args.no_pretrained,
                        mixup=(args.mixup_p, args.mixup_alpha, args.mixup_div),
                        cutmix=(args.cutmix_p, args.cutmix_alpha), skip_bad=args.skip_bad,
@@ -142,7 +153,25 @@ def _bench(args):
     from .bench import run
     os.makedirs(args.out, exist_ok=True)
     run(args.beton, args.out, workers=args.workers, batch_size=args.batch_size,
-        epochs=args.epochs, repeats=args.repeats)
+        rounds=args.rounds, epoch_images=args.epoch_images, sizes=args.sizes, repeats=args.repeats)
+
+
+def _storage_options(p):
+    g = p.add_argument_group('image storage', "FFCV RGBImageField's choices, with FFCV's meaning; "
+                             'ffcv-imagenet writes ImageNet with --write-mode proportion '
+                             '--compress-probability 0.5 --max-resolution 500 --jpeg-quality 90')
+    g.add_argument('--write-mode', default='original',
+                   choices=['original', 'jpg', 'raw', 'proportion', 'smart'],
+                   help='original (default): keep each JPEG\'s bytes, re-encode only what must be; '
+                   'jpg: re-encode all; raw: store pixels; proportion: jpg with probability '
+                   '--compress-probability, else raw; smart: raw unless larger than --smart-threshold')
+    g.add_argument('--max-resolution', type=int, default=None,
+                   help='shrink images whose longer side exceeds this (INTER_AREA, as FFCV)')
+    g.add_argument('--compress-probability', type=float, default=0.5,
+                   help='proportion mode: share of images stored as JPEG')
+    g.add_argument('--jpeg-quality', type=int, default=90, help='quality of re-encoded JPEGs')
+    g.add_argument('--smart-threshold', type=int, default=None,
+                   help='smart mode: images of more pixel bytes than this are stored as JPEG')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('output', help='the .beton to write (written only when complete)')
     p.add_argument('--mldr', required=True, help='reinforced_data directory or .tar/.tar.gz archive')
     p.add_argument('--workers', type=int, default=None, help='parallel processes (default: all cores)')
-    p.add_argument('--max-resolution', type=int, default=None,
-                   help='re-encode images whose longer side exceeds this')
+    _storage_options(p)
     p.add_argument('--skip-bad', action='store_true',
                    help='leave out unreadable images (each is reported) instead of stopping')
     p.add_argument('--num-classes', type=int, default=None,
@@ -236,8 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--chunk', type=int, default=64, help='images per resumable chunk')
     p.add_argument('--workers', type=int, default=None, help='render threads / writer processes')
-    p.add_argument('--max-resolution', type=int, default=None,
-                   help='re-encode images whose longer side exceeds this')
+    _storage_options(p)
     p.add_argument('--skip-bad', action='store_true',
                    help='leave out unreadable images (each is reported) instead of stopping')
     p.set_defaults(run=_reinforce)
@@ -282,16 +309,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_demo)
 
     p = sub.add_parser('bench', help='loader and conversion throughput against FFCV and ml-dr',
-                       description='Measure, in one run on the images of DATA.beton: A full JPEG '
-                       'decode, B plain FFCV RandomResizedCrop, C ffcv-dr full recipe, D ml-dr\'s '
-                       'loader design, and ffcv-dr convert against FFCV\'s writer. Prints a table, '
-                       'writes bench.json and bench.png, and ends with R1=C/B R2=C/D R3=C/A.')
+                       description='Measure, in one run on the images of DATA.beton (original JPEG '
+                       'bytes), plain FFCV on ImageNet as ffcv-imagenet writes it (B_imagenet), on '
+                       'FFCV jpg q90 (B_jpg) and on the same bytes (B_same), against ffcv-dr\'s full '
+                       'recipe on the original bytes (C_orig) and stored as B_imagenet (C_matched), '
+                       'ml-dr\'s loader design (D), time to first batch, and ffcv-dr convert against '
+                       'FFCV\'s writer. Prints a table, writes bench.json and bench.png, and ends with '
+                       'the ratios at each size.')
     p.add_argument('beton')
     p.add_argument('--out', default='out/bench', help='folder for bench.json and bench.png')
     p.add_argument('--workers', type=int, default=None, help='threads / worker processes (default: all cores)')
     p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--epochs', type=int, default=5, help='timed epochs of D (B and C: 19)')
-    p.add_argument('--repeats', type=int, default=3, help='timed runs of A and of each conversion')
+    p.add_argument('--rounds', type=int, default=3, help='timed epochs of each loader, interleaved')
+    p.add_argument('--epoch-images', type=int, default=4096,
+                   help='images per epoch at least (the file\'s indices repeated)')
+    p.add_argument('--sizes', type=int, nargs='+', default=[176, 224], help='output sides')
+    p.add_argument('--repeats', type=int, default=3, help='timed runs of A, D and each conversion')
     p.set_defaults(run=_bench)
     return parser
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import io
 import multiprocessing as mp
 import os
 import queue
@@ -34,12 +33,7 @@ from .jpeg import check_jpeg, jpeg_header
 from .mldr import (CONFIG_NAME, ImageSizes, MldrDirectory, MldrError, check_indices,
                    member_index, iter_tar, load_pickle, parse_file, recipe_from_config)
 from .mldr_pickle import compile_here
-
-# Re-encodes: images whose format the loader can't take (CMYK, PNG, palette...)
-# keep their detail (4:4:4 chroma, quality 95); images shrunk by
-# --max-resolution get FFCV's own writer settings (quality 90, 4:2:0).
-FORMAT_REENCODE = dict(quality=95, subsampling=0)
-RESIZE_REENCODE = dict(quality=90)
+from .storage import Storage, stored_image
 
 
 class ConvertError(RuntimeError):
@@ -128,31 +122,6 @@ def _truncated_jpeg(data: bytes):
     if b'\xff\xd9' in data[-64:].rstrip(b'\x00\r\n '):
         return None
     return check_jpeg(data)[0]
-
-
-def _stored_size(width, height, max_resolution):
-    if max_resolution and max(width, height) > max_resolution:
-        ratio = max_resolution / max(width, height)
-        return max(1, round(width * ratio)), max(1, round(height * ratio))
-    return width, height
-
-
-def read_jpeg(path, width, height, passthrough, max_resolution):
-    """The bytes to store: the original JPEG, or an RGB re-encode where needed."""
-    if passthrough:
-        with open(path, 'rb') as f:
-            return np.frombuffer(f.read(), np.uint8), width, height
-    import cv2
-    with Image.open(path) as img:
-        rgb = np.asarray(img.convert('RGB'))
-    new_w, new_h = _stored_size(width, height, max_resolution)
-    settings = FORMAT_REENCODE
-    if (new_w, new_h) != (width, height):
-        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
-        settings = RESIZE_REENCODE
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format='JPEG', **settings)
-    return np.frombuffer(buf.getvalue(), np.uint8), new_w, new_h
 
 
 # Images per work item of FFCV's writer; its default (100) leaves workers idle
@@ -245,9 +214,9 @@ class _Samples:
     wait forever, so failures are recorded in ``error_path`` and a placeholder is
     written instead; the caller checks the file and discards the output."""
 
-    def __init__(self, images: ImageList, probes, source, max_resolution, error_path, output):
+    def __init__(self, images: ImageList, probes, source, storage: Storage, error_path, output):
         self.images, self.probes, self.source = images, probes, source
-        self.max_resolution, self.error_path, self.output = max_resolution, error_path, output
+        self.storage, self.error_path, self.output = storage, error_path, output
         recipe = source.recipe
         self.position = None  # ImageFolder index -> position in the file, where images were skipped
         if recipe.mixing and len(images.indices) and images.indices[-1] != len(images.indices) - 1:
@@ -273,14 +242,14 @@ class _Samples:
                     paired = (records['mix_flags'] & HAS_PAIR) != 0
                     records['pair'][paired] = self.position[records['pair'][paired]]
                 width, height, passthrough = self.probes[i]
-                jpeg, w, h = read_jpeg(self.images.paths[i], width, height, passthrough,
-                                       self.max_resolution)
-                return (jpeg, width, height, w, h, records), (label, topk), label
+                payload, w, h, mode = stored_image(self.images.paths[i], int(self.images.indices[i]),
+                                                   width, height, passthrough, self.storage)
+                return (payload, width, height, w, h, mode, records), (label, topk), label
             except Exception as e:  # noqa: BLE001 -- see the class docstring
                 self.fail(str(e) if isinstance(e, MldrError) else
                           f'{self.images.paths[i]}: {type(e).__name__}: {e}')
         records, topk = self.placeholder
-        return (np.zeros(0, np.uint8), 1, 1, 1, 1, records), (label, topk), label
+        return (np.zeros(0, np.uint8), 1, 1, 1, 1, 0, records), (label, topk), label
 
 
 class _Writer(DatasetWriter):
@@ -366,10 +335,13 @@ class _Pages(MemoryAllocator):
             os.close(self.fd)
 
 
-def _check_free_space(output, scratch, images, probes, recipe, num_workers):
+def _check_free_space(output, scratch, images, probes, recipe, num_workers, storage: Storage):
     """Refuse to start a file that cannot fit: FFCV's writer would fail half-way.
-    Re-encoded images are counted at their original file size."""
-    need = sum(os.path.getsize(p) for p in images.paths) + len(images.paths) * (
+    Re-encoded images are counted at their original file size, raw ones at
+    their pixels' (those of ``proportion`` too: an upper bound)."""
+    raw = storage.write_mode in ('raw', 'proportion', 'smart')
+    need = sum(3 * np.prod(storage.stored_size(*p[:2])) if raw else os.path.getsize(path)
+               for path, p in zip(images.paths, probes)) + len(images.paths) * (
         recipe.num_samples * bytes_per_reinforcement(recipe) + 64) + (num_workers + 2) * (8 << 20)
     free = shutil.disk_usage(scratch).free
     if need > free:
@@ -422,18 +394,18 @@ def image_sizes(probes) -> ImageSizes:
                       np.array([p[1] if p else 0 for p in probes], np.int64))
 
 
-def write_beton(output, images: ImageList, probes, source, scratch, num_workers, max_resolution):
+def write_beton(output, images: ImageList, probes, source, scratch, num_workers, storage: Storage):
     """Write the .beton under ``scratch`` and move it to ``output`` once complete.
     ``source.get(i)`` gives image i's (reinforcement records, top-k records)."""
     tmp_output = os.path.join(scratch, os.path.basename(output))
     recipe = source.recipe
     error_path = os.path.join(scratch, 'errors.txt')
-    _check_free_space(output, scratch, images, probes, recipe, num_workers)
+    _check_free_space(output, scratch, images, probes, recipe, num_workers, storage)
     writer = _Writer(tmp_output, {'image': ReinforcedImageField(recipe),
                                   'target': SoftTargetField(recipe),
                                   'label': IntField()}, num_workers=num_workers)
     try:
-        writer.write(_Samples(images, probes, source, max_resolution, error_path, output))
+        writer.write(_Samples(images, probes, source, storage, error_path, output))
     except OSError as e:
         raise ConvertError(f'{output}: writing failed ({type(e).__name__}: {e})') from None
     if os.path.exists(error_path):
@@ -443,7 +415,9 @@ def write_beton(output, images: ImageList, probes, source, scratch, num_workers,
         raise ConvertError(errors[0] + more)
     os.replace(tmp_output, output)
     return {'output': output, 'images': len(images.paths), 'recipe': recipe,
-            'class_space': images.class_space, 're_encoded': int(sum(not p[2] for p in probes))}
+            'class_space': images.class_space, 'storage': storage,
+            're_encoded': int(sum(not p[2] for p in probes)) if storage.write_mode == 'original'
+            else len(probes)}
 
 
 def output_dir(output: str) -> str:
@@ -454,10 +428,12 @@ def output_dir(output: str) -> str:
 
 
 def convert(images_dir: str, output: str, mldr: str, num_workers: int = None,
-            max_resolution: int = None, num_classes: int = None, skip_bad: bool = False) -> dict:
-    """Write ``output`` from an ImageFolder and ml-dr reinforcements (dir or archive).
-    With ``skip_bad``, unreadable images are left out and listed in ``skipped``."""
+            num_classes: int = None, skip_bad: bool = False, storage: Storage = Storage()) -> dict:
+    """Write ``output`` from an ImageFolder and ml-dr reinforcements (dir or archive),
+    the images stored as ``storage`` says. With ``skip_bad``, unreadable
+    images are left out and listed in ``skipped``."""
     num_workers = num_workers or os.cpu_count()
+    max_resolution = storage.max_resolution
     images = list_images(images_dir, num_classes)
     n = len(images.paths)
     out_dir = output_dir(output)
@@ -473,7 +449,7 @@ def convert(images_dir: str, output: str, mldr: str, num_workers: int = None,
             source = DirectorySource(mldr, n, images.num_classes, sizes)
         else:
             source = TarSource(mldr, n, images.num_classes, sizes, scratch, num_workers)
-        result = write_beton(output, images, probes, source, scratch, num_workers, max_resolution)
+        result = write_beton(output, images, probes, source, scratch, num_workers, storage)
         return {**result, 'skipped': skipped}
     except MldrError as e:
         raise ConvertError(str(e)) from None

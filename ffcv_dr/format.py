@@ -1,4 +1,4 @@
-"""The on-disk record format of an ffcv-dr ``.beton`` (format version 3).
+"""The on-disk record format of an ffcv-dr ``.beton`` (format version 4).
 
 Everything is little-endian and fixed-width. A file has three FFCV fields:
 
@@ -6,10 +6,12 @@ Everything is little-endian and fixed-width. A file has three FFCV fields:
     Per-image metadata (``IMAGE_METADATA``): pointer to the data block,
     original width/height (the pixel space of the stored boxes, as in ml-dr),
     stored width/height (differs only where ``--max-resolution`` resized the
-    image) and a CRC32 of those fields and the block (:func:`block_crc`).
-    The data block is ``num_samples``
+    image), how the pixels are stored (``mode``: ``STORED_JPEG`` or
+    ``STORED_RAW``, see :mod:`ffcv_dr.storage`) and a CRC32 of those fields
+    and the block (:func:`block_crc`). The data block is ``num_samples``
     reinforcement records (``reinforcement_dtype(recipe)``) followed by the
-    JPEG bytes, so the image decoder reads parameters and pixels in one go.
+    JPEG bytes or the raw RGB pixels (height x width x 3), so the image
+    decoder reads parameters and pixels in one go.
 
 ``target`` (:class:`ffcv_dr.fields.SoftTargetField`)
     Per-image metadata: pointer, the ground-truth label (needed for the
@@ -59,11 +61,13 @@ from dataclasses import dataclass, asdict
 
 import numpy as np
 
-FORMAT_VERSION = 3   # 2: CRC32s cover the metadata fields and the top-k block too;
-#                     3: the recipe holds its draw settings (scale, ratio, magnitude, erase p)
+FORMAT_VERSION = 4   # 2: CRC32s cover the metadata fields and the top-k block too;
+#                     3: the recipe holds its draw settings (scale, ratio, magnitude, erase p);
+#                     4: images may be stored as raw pixels (IMAGE_METADATA's mode)
 
 FLIP, HAS_RA, HAS_ERASE = 1, 2, 4
 HAS_PAIR, HAS_MIXUP, HAS_CUTMIX = 1, 2, 4
+STORED_JPEG, STORED_RAW = 0, 1
 
 RA_OPS = ('Identity', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate',
           'Brightness', 'Color', 'Contrast', 'Sharpness', 'Posterize',
@@ -90,6 +94,7 @@ IMAGE_METADATA = np.dtype([
     ('orig_height', '<u4'),
     ('width', '<u2'),
     ('height', '<u2'),
+    ('mode', 'u1'),
     ('crc32', '<u4'),
 ])
 

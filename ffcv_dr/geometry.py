@@ -7,13 +7,13 @@ import numpy as np
 from .schedule import STREAM_FRESH, uniform
 
 
-@nb.njit(nogil=True, fastmath=False, inline='always')
+@nb.njit(nogil=True, fastmath=False, inline='always', cache=True)
 def read_u16(buf, offset):
     """Little-endian uint16 at a byte offset (records are packed, not aligned)."""
     return np.int64(buf[offset]) | (np.int64(buf[offset + 1]) << 8)
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def scale_box(top, left, height, width, orig_h, orig_w, img_h, img_w):
     """Map a box in original-image pixels to the stored image, clamped inside it."""
     if orig_h != img_h or orig_w != img_w:
@@ -32,7 +32,7 @@ def scale_box(top, left, height, width, orig_h, orig_w, img_h, img_w):
     return top, left, height, width
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def random_resized_crop(height, width, scale_lo, scale_hi, ratio_lo, ratio_hi,
                         seed, epoch, index):
     """torchvision's RandomResizedCrop.get_params, drawing from the replay schedule."""
@@ -63,13 +63,13 @@ def random_resized_crop(height, width, scale_lo, scale_hi, ratio_lo, ratio_hi,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def fresh_flip(seed, epoch, index):
     """The flip coin of a fresh augmentation (p = 0.5, as ml-dr's recipe)."""
     return uniform(seed, epoch, index, STREAM_FRESH + 40) < 0.5
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def hflip_inplace(img):
     """Mirror an RGB image left to right (per-pixel swaps of the three channels)."""
     h, w = img.shape[0], img.shape[1]
@@ -82,7 +82,7 @@ def hflip_inplace(img):
             row[r, 0], row[r, 1], row[r, 2] = a0, a1, a2
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def random_erasing(height, width, p, seed, epoch, index, stream):
     """torchvision's RandomErasing.get_params (scale 0.02-0.33, ratio 0.3-3.3)
     behind a coin of probability ``p``, drawing from the replay schedule.
@@ -106,7 +106,7 @@ def random_erasing(height, width, p, seed, epoch, index, stream):
     return 0, 0, 0, 0
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def erase(img, top, left, height, width):
     """Zero a box (clipped to the image): ml-dr's RandomErasing before Normalize."""
     img[max(top, 0):max(top + height, 0), max(left, 0):max(left + width, 0)] = 0

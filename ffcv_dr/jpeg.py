@@ -1,26 +1,34 @@
-"""Crop-aware JPEG decoding for the replay kernels: decode only the rows and
-(iMCU-aligned) columns a crop needs, scaled by 1/2, 1/4 or 1/8 in the IDCT
-when the crop is at least twice the output, then resize with OpenCV
-(antialiased like PIL's bilinear filter, see ``_resize.cpp``)."""
+"""Crop-aware reading of stored images for the replay kernels: a JPEG is
+decoded only in the rows and (iMCU-aligned) columns a crop needs, scaled by
+1/2, 1/4 or 1/8 in the IDCT when the crop is at least twice the output; raw
+pixels are cropped without decoding. The crop is then resized with OpenCV
+(antialiased like PIL's bilinear filter, see ``_resize.cpp``).
+
+The kernels call the C functions by symbol name (``ExternalFunction``, the
+libraries loaded into LLVM's process-wide namespace) rather than through
+ctypes pointers, whose addresses change from process to process: that keeps
+every kernel cacheable on disk (``cache=True``), so a second process starts
+without recompiling them."""
 import ctypes
 
+import llvmlite.binding as llvm
 import numba as nb
 import numpy as np
+from numba import types
 
 from . import _jpeg, _resize
+from .format import STORED_RAW
 
-_lib = ctypes.CDLL(_jpeg.__file__)
-_decode_region = _lib.decode_region
-_decode_region.restype = ctypes.c_int
-_decode_region.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32,
-                           ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p,
-                           ctypes.c_uint64, ctypes.c_void_p]
-_check_jpeg = _lib.check_jpeg
+for _library in (_jpeg.__file__, _resize.__file__):
+    llvm.load_library_permanently(_library)
+_ptr, _u32 = types.uint64, types.uint32   # pointers pass as 64-bit integers (same ABI)
+_decode_region = types.ExternalFunction('ffcv_dr_decode_region', types.int32(
+    _ptr, types.uint64, _u32, _u32, _u32, _u32, _u32, _ptr, types.uint64, _ptr))
+_resize_crop = types.ExternalFunction('ffcv_dr_resize_crop', types.int32(
+    _ptr, _u32, _u32, _u32, _u32, _u32, _u32, _ptr, _u32, _u32))
+_check_jpeg = ctypes.CDLL(_jpeg.__file__).ffcv_dr_check_jpeg
 _check_jpeg.restype = ctypes.c_int
 _check_jpeg.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_void_p]
-_resize_crop = ctypes.CDLL(_resize.__file__).resize_crop_aa
-_resize_crop.restype = ctypes.c_int
-_resize_crop.argtypes = [ctypes.c_void_p] + [ctypes.c_uint32] * 6 + [ctypes.c_void_p] + [ctypes.c_uint32] * 2
 
 
 def check_jpeg(data: bytes):
@@ -42,7 +50,7 @@ def jpeg_header(data: bytes):
     return tuple(int(v) for v in info)
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def dct_scale(crop_h, crop_w, out_h, out_w):
     """The largest libjpeg scale denominator (1, 2, 4, 8) that keeps the crop
     at least as large as the output."""
@@ -52,7 +60,7 @@ def dct_scale(crop_h, crop_w, out_h, out_w):
     return d
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def decode_crop_resize(jpeg, img_h, img_w, top, left, h, w, out):
     """out <- the box (top, left, h, w) of the JPEG (an img_h x img_w image)
     resized to out's shape. Returns False, leaving ``out`` black, when the
@@ -87,3 +95,31 @@ def decode_crop_resize(jpeg, img_h, img_w, top, left, h, w, out):
         out[:] = 0
         return False
     return True
+
+
+@nb.njit(nogil=True, fastmath=False, cache=True)
+def raw_crop_resize(pixels, img_h, img_w, top, left, h, w, out):
+    """out <- the box (top, left, h, w) of raw RGB pixels (img_h x img_w x 3)
+    resized to out's shape; False, leaving ``out`` black, when the pixels
+    are fewer than the size says. The crop is copied first: the resize
+    blurs its input in place, and the stored pixels are read-only."""
+    if pixels.size < img_h * img_w * 3:
+        out[:] = 0
+        return False
+    image = pixels[:img_h * img_w * 3].reshape(img_h, img_w * 3)
+    crop = np.empty((h, w * 3), np.uint8)
+    crop[:] = image[top:top + h, left * 3:(left + w) * 3]
+    if _resize_crop(crop.ctypes.data, h, w, 0, h, 0, w, out.ctypes.data,
+                    out.shape[0], out.shape[1]) != 0:
+        out[:] = 0
+        return False
+    return True
+
+
+@nb.njit(nogil=True, fastmath=False, cache=True)
+def crop_resize(payload, mode, img_h, img_w, top, left, h, w, out):
+    """out <- the box (top, left, h, w) of a stored image (``mode``: how it
+    is stored, see :mod:`ffcv_dr.storage`), resized to out's shape."""
+    if mode == STORED_RAW:
+        return raw_crop_resize(payload, img_h, img_w, top, left, h, w, out)
+    return decode_crop_resize(payload, img_h, img_w, top, left, h, w, out)

@@ -8,7 +8,7 @@ import numba as nb
 import numpy as np
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def mixup(img, pair, lam):
     """img <- round(lam * img + (1 - lam) * pair)."""
     for y in range(img.shape[0]):
@@ -18,7 +18,7 @@ def mixup(img, pair, lam):
                 img[y, x, c] = np.uint8(min(max(v + 0.5, 0.0), 255.0))
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def cutmix(img, pair, r1, c1, r2, c2):
     """Rows r1:r2 and columns c1:c2 of img come from pair."""
     r1, c1 = max(r1, 0), max(c1, 0)

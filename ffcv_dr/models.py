@@ -13,7 +13,8 @@ BUNDLED_PREFIX = 'bundled:'
 
 class Classifier(torch.nn.Module):
     """A network with the input handling it was trained with: uint8 NHWC
-    pixels are resized to ``input_size`` (bilinear) when they differ, then
+    pixels are resized to ``input_size`` (bilinear) when they differ (0: fed
+    at whatever size they come, as under progressive resizing), then
     normalised with ``mean``/``std`` (fractions of 255). ``net`` is the bare
     network, whose state dict is what checkpoints hold."""
 
@@ -27,7 +28,7 @@ class Classifier(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC images -> logits."""
         x = images.permute(0, 3, 1, 2).float()
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+        if self.input_size and (x.shape[-1] != self.input_size or x.shape[-2] != self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode='bilinear',
                               antialias=True, align_corners=False)
         x = (x - self.mean) / self.std

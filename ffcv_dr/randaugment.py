@@ -41,7 +41,7 @@ def magnitude_table(height: int, width: int, magnitude: int = 9, num_bins: int =
     return mags, signed
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def draw_ops(mags, signed, seed, epoch, index, stream, ops, out_mags):
     """Fill ``ops``/``out_mags`` as RandAugment.forward draws them: a uniform op,
     its table magnitude, negated on a coin flip when the op is signed."""
@@ -54,7 +54,7 @@ def draw_ops(mags, signed, seed, epoch, index, stream, ops, out_mags):
         out_mags[k] = m
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def apply_op(img, scratch, op, magnitude, scale_y, scale_x):
     """Apply one op to ``img`` in place; ``scratch`` has img's shape.
     ``scale_y``/``scale_x`` map stored translations to this image's pixels."""
@@ -100,7 +100,7 @@ def apply_op(img, scratch, op, magnitude, scale_y, scale_x):
         _apply_luts(img, _equalize_luts(_histograms(img)))
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _copy(src, dst):
     """dst <- src (an explicit loop: numba's slice assignment is ten times slower)."""
     d, s = dst.reshape(-1), src.reshape(-1)
@@ -108,7 +108,7 @@ def _copy(src, dst):
         d[i] = s[i]
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _inverse_affine(cx, cy, angle, tx, ty, shear_x, shear_y):
     """torchvision's inverse affine matrix (output -> input pixel), as F.affine
     hands it to Pillow; angles in degrees, scale 1."""
@@ -125,7 +125,7 @@ def _inverse_affine(cx, cy, angle, tx, ty, shear_x, shear_y):
     return m0, m1, m2, m3, m4, m5
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _rotation(angle, width, height):
     """Pillow's ``Image.rotate`` matrix about the image centre (torchvision's
     F.rotate on PIL images calls it)."""
@@ -137,12 +137,12 @@ def _rotation(angle, width, height):
             -sin, cos, -sin * -cx + cos * -cy + cy)
 
 
-@nb.njit(nogil=True, fastmath=False, inline='always')
+@nb.njit(nogil=True, fastmath=False, inline='always', cache=True)
 def _fix(v):
     return np.int64(math.floor(v * 65536.0 + 0.5))
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _affine_nearest(src, dst, m):
     """Pillow's nearest-neighbour affine transform in 16.16 fixed point; fill 0.
     (Unsigned indices spare numba's negative-index checks, here and below.)"""
@@ -168,7 +168,7 @@ def _affine_nearest(src, dst, m):
         yo += f4
 
 
-@nb.njit(nogil=True, fastmath=False, inline='always')
+@nb.njit(nogil=True, fastmath=False, inline='always', cache=True)
 def _blend(degenerate, value, factor):
     """Pillow's ImagingBlend of one value: float32 arithmetic, clipped, truncated.
     (The difference of two 0..255 values is exact in float32; subtracting
@@ -178,7 +178,7 @@ def _blend(degenerate, value, factor):
     return np.uint8(min(max(v, np.float32(0.0)), np.float32(255.0)))
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _blend_lut(degenerate, factor):
     """The blend towards a constant as a lookup table (it depends on the value only)."""
     f = np.float32(factor)
@@ -188,14 +188,14 @@ def _blend_lut(degenerate, factor):
     return lut
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _apply_lut(img, lut):
     flat = img.reshape(-1)
     for i in range(flat.size):
         flat[i] = lut[flat[i]]
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _blend_image(img, degenerate, factor):
     f = np.float32(factor)
     a, d = img.reshape(-1), degenerate.reshape(-1)
@@ -203,13 +203,13 @@ def _blend_image(img, degenerate, factor):
         a[i] = _blend(d[i], a[i], f)
 
 
-@nb.njit(nogil=True, fastmath=False, inline='always')
+@nb.njit(nogil=True, fastmath=False, inline='always', cache=True)
 def _luma(r, g, b):
     """Pillow's RGB -> L conversion (ITU-R 601-2 in 16-bit fixed point)."""
     return (np.int32(r) * 19595 + np.int32(g) * 38470 + np.int32(b) * 7471 + 0x8000) >> 16
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _blend_gray(img, factor):
     f = np.float32(factor)
     a = img.reshape(-1)
@@ -220,7 +220,7 @@ def _blend_gray(img, factor):
         a[i + 2] = _blend(gray, a[i + 2], f)
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _gray_mean(img):
     """ImageEnhance.Contrast's degenerate level: the rounded mean of the L image."""
     a = img.reshape(-1)
@@ -234,7 +234,7 @@ _K = np.float32(1.0 / 13.0)
 _K5 = np.float32(5.0 / 13.0)
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _smooth(img, out):
     """ImageFilter.SMOOTH (3x3, centre 5, divisor 13) in float32, rounded;
     border pixels are copied, as Pillow does. The products and sums keep
@@ -264,7 +264,7 @@ def _smooth(img, out):
             d[k + 3] = np.uint8(ss + np.float32(0.5))
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _histograms(img):
     hist = np.zeros((3, 256), np.int64)
     for y in range(img.shape[0]):
@@ -276,7 +276,7 @@ def _histograms(img):
     return hist
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _identity_luts():
     luts = np.empty((3, 256), np.uint8)
     for c in range(3):
@@ -285,7 +285,7 @@ def _identity_luts():
     return luts
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _autocontrast_luts(hist):
     """ImageOps.autocontrast (no cutoff): stretch each channel's [min, max]."""
     luts = _identity_luts()
@@ -305,7 +305,7 @@ def _autocontrast_luts(hist):
     return luts
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _equalize_luts(hist):
     """ImageOps.equalize: each channel's cumulative histogram, Pillow's rounding."""
     luts = _identity_luts()
@@ -330,7 +330,7 @@ def _equalize_luts(hist):
     return luts
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _apply_luts(img, luts):
     for y in range(img.shape[0]):
         row = img[y]

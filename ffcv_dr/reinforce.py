@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .convert import (ConvertError, list_images, output_dir, probe_images, read_jpeg, readable,
+from .convert import (ConvertError, list_images, output_dir, probe_images, readable,
                       write_beton)
 from .fields.reinforced_image import fresh_settings, render, render_layout, temp_size
 from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, IMAGE_METADATA,
@@ -37,6 +37,7 @@ from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, I
 from .geometry import fresh_flip, random_erasing, random_resized_crop
 from .randaugment import draw_ops
 from .schedule import STREAM_FRESH_ERASE, STREAM_FRESH_RA, splitmix64
+from .storage import Storage, stored_image
 from .teachers import load_teacher
 
 RECIPES = ('rrc', 'rrc+ra+re', 'rrc+mix', 'rrc+ra+re+mix')
@@ -62,7 +63,7 @@ class Settings:
     seed: int
     chunk: int
     batch_size: int
-    max_resolution: int
+    storage: Storage
     mixup: tuple = (0.0, 0.0, 1.0)   # (p, alpha, div_by), as ml-dr's MixUp
     cutmix: tuple = (0.0, 0.0)       # (p, alpha), as ml-dr's CutMix
 
@@ -136,12 +137,13 @@ def sample_records(recipe: Recipe, settings: Settings, fresh, index: int, sizes,
 class _Image:
     """One image's stored bytes and sampled records, rendered as the loader would."""
 
-    def __init__(self, index, jpeg, orig, stored, records):
+    def __init__(self, index, payload, orig, stored, mode, records):
         self.index, self.records = index, records
         self.meta = np.zeros(1, IMAGE_METADATA)[0]
         self.meta['orig_width'], self.meta['orig_height'] = orig
         self.meta['width'], self.meta['height'] = stored
-        self.block = np.concatenate([records.view(np.uint8).reshape(-1), jpeg])
+        self.meta['mode'] = mode
+        self.block = np.concatenate([records.view(np.uint8).reshape(-1), payload])
 
     def render(self, j, pair: '_Image', recipe, layout, fresh, seed, out):
         """Reinforcement j into ``out``; ``pair`` is its paired image (or self)."""
@@ -226,7 +228,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), ra_ops: int = 2, ra_magnitude: int = 9,
               erase_p: float = 0.25, batch_size: int = 64, device: str = 'cpu', seed: int = 0,
               checkpoints=(), chunk: int = 64, num_workers: int = None,
-              max_resolution: int = None, pretrained: bool = True,
+              storage: Storage = Storage(), pretrained: bool = True,
               mixup=(0.5, 1.0, 2.0), cutmix=(0.5, 1.0), skip_bad: bool = False,
               teacher_size: int = None) -> dict:
     """Reinforce the ImageFolder ``images_dir`` into ``output`` (see the module
@@ -235,22 +237,23 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     unreadable images are left out and listed in ``skipped``. ``teacher_size``:
     the side teachers see (default: their pretrained config's). ``samples=0``
     writes the images, labels and recipe only, without a teacher: a file for
-    training on fresh augmentations (``train.mode=erm``), e.g. a teacher."""
+    training on fresh augmentations (``train.mode=erm``), e.g. a teacher.
+    ``storage``: how images are stored (the teacher sees them as stored)."""
     if recipe not in RECIPES:
         raise ConvertError(f'recipe {recipe!r} is not supported (choose from {", ".join(RECIPES)})')
     num_workers = num_workers or os.cpu_count()
     settings = Settings(teacher, tuple(checkpoints), teacher_size or 0, recipe, samples, topk, size, tuple(scale),
                         tuple(ratio), ra_ops if '+ra' in recipe else 0, ra_magnitude,
                         erase_p if '+re' in recipe else 0.0, seed, chunk, batch_size,
-                        max_resolution or 0, *((tuple(mixup), tuple(cutmix)) if '+mix' in recipe
+                        storage, *((tuple(mixup), tuple(cutmix)) if '+mix' in recipe
                                                else ()))
     rank, world = _world(device)
     if device == 'cuda':
         device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
     out_dir = output_dir(output)
     images = list_images(images_dir)
-    images, probes, skipped = readable(images, probe_images(images, max_resolution, num_workers,
-                                                            skip_bad))
+    images, probes, skipped = readable(images, probe_images(images, storage.max_resolution,
+                                                            num_workers, skip_bad))
     n = len(images.paths)
     images = replace(images, indices=np.arange(n))  # chunks are indexed by position in the file
     torch.set_num_threads(num_workers)  # importing FFCV sets it to 1
@@ -261,7 +264,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     rec = Recipe(num_samples=samples, topk=topk, num_classes=num_classes,
                  ra_ops=settings.ra_ops, erase='+re' in recipe, mixing='+mix' in recipe, size=size,
                  scale=scale, ratio=ratio, ra_magnitude=ra_magnitude, erase_p=settings.erase_p)
-    fresh = fresh_settings(rec, (size, size))
+    fresh = fresh_settings(rec)
     layout, key = render_layout(rec), np.uint64(seed)
     parts = _parts_dir(output, settings, rank, world)
     chunks = (n + chunk - 1) // chunk if samples else 0  # without reinforcements, nothing to generate
@@ -280,10 +283,10 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     with ThreadPoolExecutor(num_workers) as pool, ThreadPoolExecutor(1) as ahead:
         def load(i, sampled=True):
             w, h, passthrough = probes[i]
-            jpeg, sw, sh = read_jpeg(images.paths[i], w, h, passthrough, max_resolution)
+            payload, sw, sh, mode = stored_image(images.paths[i], i, w, h, passthrough, storage)
             records = (sample_records(rec, settings, fresh, i, sizes, key) if sampled
-                       else np.zeros(samples, reinforcement_dtype(rec)))  # only its JPEG is used
-            return _Image(i, jpeg, (w, h), (sw, sh), records)
+                       else np.zeros(samples, reinforcement_dtype(rec)))  # only its pixels are used
+            return _Image(i, payload, (w, h), (sw, sh), mode, records)
 
         def prepare(start, stop):
             """Images start..stop-1 with their sampled records, and their renders."""
@@ -329,7 +332,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
         try:
             source = ChunkSource(parts, rec, chunk) if samples else _NoReinforcements(rec)
             result.update(write_beton(output, images, probes, source, scratch, num_workers,
-                                      max_resolution))
+                                      storage))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(parts)

@@ -68,7 +68,7 @@ def _address_as_pointer(typingctx, address):
     return types.voidptr(address), codegen
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def read_epoch(address):
     """The epoch stored at ``address`` (a :class:`ReplayClock`'s ``address``)."""
     return nb.carray(_address_as_pointer(address), 1, np.int64)[0]

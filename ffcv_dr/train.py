@@ -85,11 +85,30 @@ DEFAULTS = {
         'teacher_pretrained': True,
         'teacher_size': None,      # side the teacher sees (default: its pretrained config's)
     },
+    'resolution': {                # ffcv-imagenet's progressive resizing (off while min_res is None):
+        'min_res': None,           # the side until start_ramp,
+        'max_res': None,           # from end_ramp on,
+        'start_ramp': 0,           # and in between a linear ramp, in steps of 32 px (epochs)
+        'end_ramp': 0,
+        'val_res': None,           # validation side (default: the training side, its largest)
+    },
     'output': {'folder': 'out/train'},
     'device': None,                # default: cuda when available (cuda:LOCAL_RANK under torchrun)
 }
 MODES = ('erm', 'dr', 'kd')
 ECE_BINS = 15
+
+
+def resolution(epoch: int, min_res: int, max_res: int, start_ramp: int, end_ramp: int) -> int:
+    """ffcv-imagenet's schedule: min_res up to start_ramp, max_res from end_ramp,
+    linear in between, rounded to a multiple of 32."""
+    if not min_res <= max_res:
+        raise ValueError(f'resolution.min_res ({min_res}) must not exceed max_res ({max_res})')
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    return int(np.round(np.interp(epoch, [start_ramp, end_ramp], [min_res, max_res]) / 32)) * 32
 
 
 def load_config(path: str = None, overrides=()) -> dict:
@@ -222,7 +241,11 @@ class Trainer:
         os.makedirs(self.folder, exist_ok=True)
         torch.manual_seed(d['seed'])
         recipe = BetonFile(d['train']).recipe
-        self.size = d['image_size'] or recipe.size
+        r = cfg['resolution']
+        self.ramp = r['min_res'] is not None
+        if self.ramp:
+            resolution(0, r['min_res'], r['max_res'], r['start_ramp'], r['end_ramp'])  # checks
+        self.size = (r['max_res'] if self.ramp else None) or d['image_size'] or recipe.size
         p = d['p'] if t['mode'] == 'dr' else 0.0  # erm and kd: fresh augmentations only
         self.train_loader = Loader(d['train'], d['batch_size'], d['workers'], order=OrderOption.RANDOM,
                                    distributed=self.world > 1, seed=d['seed'], p=p,
@@ -231,13 +254,15 @@ class Trainer:
         self.val_loader = None
         if d['val']:
             self.val_loader = val_loader(val_beton(d['val'], self.folder, d['workers'], self.rank),
-                                         d['batch_size'], d['workers'], self.size,
+                                         d['batch_size'], d['workers'], r['val_res'] or self.size,
                                          d['val_crop_ratio'], self.world > 1)
         m = cfg['model']
         extra = {'drop_path_rate': m['drop_path']} if m['drop_path'] else {}
         # uint8 NHWC batches in, resized to input_size and normalised as the network expects
         self.model = create(m['arch'], recipe.num_classes, m['pretrained'],
                             input_size=m['input_size'] or self.size, **extra)
+        if self.ramp and not m['input_size']:
+            self.model.input_size = 0  # the network sees each epoch's resolution
         memory_format = torch.channels_last if t['channels_last'] else torch.contiguous_format
         self.model = self.model.to(self.device, memory_format=memory_format)
         self.model.memory_format = memory_format
@@ -306,14 +331,23 @@ class Trainer:
         torch.save(state, self.checkpoint + '.tmp')
         os.replace(self.checkpoint + '.tmp', self.checkpoint)
 
+    def epoch_size(self, epoch) -> int:
+        if not self.ramp:
+            return self.size
+        r = self.cfg['resolution']
+        return resolution(epoch, r['min_res'], r['max_res'], r['start_ramp'], r['end_ramp'])
+
     def train_epoch(self, epoch) -> dict:
         self.net.train()
         loader, t = self.train_loader, self.cfg['train']
         loader.next_epoch = epoch  # the replay schedule and the traversal order follow it
+        loader.set_output_size((self.epoch_size(epoch),) * 2)
         steps = len(loader)
         total, count, start = torch.zeros((), device=self.device), 0, time.perf_counter()
         bar = tqdm(loader, desc=f'epoch {epoch}', unit='batch', disable=self.rank != 0)
+        side = 0
         for k, (images, targets, labels) in enumerate(bar):
+            side = images.shape[1]
             for group in self.opt.param_groups:
                 group['lr'] = self.base_lr * lr_factor(epoch * steps + k, steps, t)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -331,7 +365,7 @@ class Trainer:
                 bar.set_postfix(loss=f'{float(loss.detach()):.3f}', lr=f"{self.opt.param_groups[0]['lr']:.3g}")
         seconds = time.perf_counter() - start
         return {'train_loss': float(total) / max(1, steps), 'epoch_seconds': seconds,
-                'train_images_per_s': count * self.world / seconds}
+                'train_images_per_s': count * self.world / seconds, 'resolution': int(side)}
 
     @torch.no_grad()
     def evaluate(self, model=None) -> tuple:

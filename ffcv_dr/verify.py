@@ -13,8 +13,8 @@ descriptors, metadata, allocation table). Then, for every image:
   lambdas in [0, 1] and CutMix boxes -- the loader trusts all of these;
 - top-k probabilities are finite, in [0, 1] and sum to at most 1, class ids
   and labels lie below ``num_classes`` and the two label copies agree;
-- the JPEG decodes in full (at 1/8 scale) without libjpeg warnings, at its
-  stored size.
+- a stored JPEG decodes in full (at 1/8 scale) without libjpeg warnings, at
+  its stored size; raw pixels are exactly as many as the stored size says.
 
 Images are checked in chunks on threads: zlib and libjpeg (through ctypes)
 release the GIL.
@@ -31,7 +31,7 @@ import numpy as np
 
 from .beton import BetonFile
 from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, RA_OPS,
-                     block_crc, topk_block_size)
+                     STORED_JPEG, STORED_RAW, block_crc, topk_block_size)
 from .jpeg import check_jpeg
 
 CHUNK = 256
@@ -117,17 +117,25 @@ def _check_chunk(f: BetonFile, lo: int, hi: int, labels) -> list:
                                                   'allocation table'))
             continue
         if block_crc(im, block) != im['crc32']:
-            problems.append(('image checksum', f'image {i}: CRC32 mismatch in its JPEG, '
+            problems.append(('image checksum', f'image {i}: CRC32 mismatch in its image, '
                                                'reinforcement records or metadata'))
             continue
         if block_crc(tg, top) != tg['crc32']:
             problems.append(('target checksum', f'image {i}: CRC32 mismatch in its top-k records '
                                                 'or label'))
             continue
-        problem, w, h = check_jpeg(block[f.params_size:])
-        if problem or (w, h) != (im['width'], im['height']):
-            problems.append(('jpeg', f'image {i}: {problem or f"JPEG is {w}x{h}, metadata says "}'
-                                     + ('' if problem else f'{im["width"]}x{im["height"]}')))
+        payload = block[f.params_size:]
+        if im['mode'] == STORED_RAW:
+            if payload.size != 3 * int(im['width']) * int(im['height']):
+                problems.append(('raw', f'image {i}: {payload.size} bytes of raw pixels, metadata '
+                                        f'says {im["width"]}x{im["height"]}x3'))
+        elif im['mode'] != STORED_JPEG:
+            problems.append(('storage mode', f'image {i}: unknown storage mode {im["mode"]}'))
+        else:
+            problem, w, h = check_jpeg(payload)
+            if problem or (w, h) != (im['width'], im['height']):
+                problems.append(('jpeg', f'image {i}: {problem or f"JPEG is {w}x{h}, metadata says "}'
+                                         + ('' if problem else f'{im["width"]}x{im["height"]}')))
         if tg['label'] >= recipe.num_classes or (labels is not None and labels[i] != tg['label']):
             problems.append(('label', f'image {i}: label {tg["label"]} (label field: '
                                       f'{labels[i] if labels is not None else "-"}) is not a class '

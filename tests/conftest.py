@@ -62,3 +62,28 @@ def small_images(tmp_path_factory):
     if not os.path.isdir(IMAGES):
         pytest.skip(f'real data not found at {SHARED} (../shared)')
     return first_images(tmp_path_factory.mktemp('small') / 'images', 12)
+
+
+def first_reinforcements(root, src: str, n: int) -> str:
+    """A reinforced_data folder of symlinks to the config and the first ``n`` files of ``src``."""
+    os.makedirs(root)
+    for name in ['config.pth.tar'] + [f'{i}.pth.tar' for i in range(n)]:
+        os.symlink(os.path.join(src, name), os.path.join(root, name))
+    return str(root)
+
+
+@pytest.fixture(scope='session', params=['raw', 'imagenet'])
+def stored_beton(request, tmp_path_factory):
+    """Images 0..63 (those ml-dr's goldens cover) + the ImageNet+ recipe, stored
+    as raw pixels, or as ffcv-imagenet stores ImageNet (proportion, 500 px,
+    half JPEG q90): (write mode, path)."""
+    if not os.path.isdir(IMAGES):
+        pytest.skip(f'real data not found at {SHARED} (../shared)')
+    from ffcv_dr.convert import convert
+    from ffcv_dr.storage import Storage
+    storage = {'raw': Storage('raw'), 'imagenet': Storage('proportion', 500, 0.5, 90)}[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    out = str(root / f'{request.param}.beton')
+    convert(first_images(root / 'images', 64), out, first_reinforcements(root / 'mldr', RANDAUG, 64),
+            num_workers=2, storage=storage)
+    return request.param, out

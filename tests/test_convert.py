@@ -35,7 +35,7 @@ def test_stored_records_equal_the_source_pickles(randaug_beton):
         assert f.label(i) == images.labels[i]
         meta = f.image_meta[i]
         with open(images.paths[i], 'rb') as src:  # original JPEG bytes pass through untouched
-            assert f.jpeg(i).tobytes() == src.read()
+            assert f.payload(i).tobytes() == src.read()
         for j, sample in enumerate(samples):
             got = f.describe(i, j)
             rrc, flip, ra, erase = sample['params']
@@ -57,7 +57,7 @@ def test_targz_stream_gives_the_same_file(randaug_beton, randaug_targz, tmp_path
     for i in range(len(a)):
         assert a.records(i).tobytes() == b.records(i).tobytes()
         assert a.topk(i).tobytes() == b.topk(i).tobytes()
-        assert a.jpeg(i).tobytes() == b.jpeg(i).tobytes()
+        assert a.payload(i).tobytes() == b.payload(i).tobytes()
 
 
 def test_mixing_recipe_imports(mixing_beton):
@@ -130,7 +130,7 @@ def test_cli_info_and_replay(randaug_beton, tmp_path, capsys):
     assert info['images'] == 500 and info['reinforcements_per_image'] == 8 and info['topk'] == 10
     assert info['bytes_per_reinforcement'] == 63
     assert info['param_bytes'] == 500 * 8 * 23 and info['prob_bytes'] == 500 * 8 * 40
-    assert info['jpeg_bytes'] == sum(os.path.getsize(p) for p in list_images(IMAGES).paths)
+    assert info['image_bytes'] == sum(os.path.getsize(p) for p in list_images(IMAGES).paths)
     assert main(['replay', randaug_beton, '--index', '3', '--sample', '1', '--index', '9',
                  '--sample', '0', '--out', str(tmp_path / 'r')]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -151,7 +151,7 @@ def test_bench_inputs_round_trip(randaug_beton, tmp_path):
     g = BetonFile(out)
     classes = sorted({f.label(i) for i in range(len(f))})  # folders are numbered by label
     for i in range(0, 500, 7):
-        assert g.label(i) == classes.index(f.label(i)) and np.array_equal(g.jpeg(i), f.jpeg(i))
+        assert g.label(i) == classes.index(f.label(i)) and np.array_equal(g.payload(i), f.payload(i))
         assert g.records(i).tobytes() == f.records(i).tobytes()
         for a, b in zip(g.topk(i), f.topk(i)):  # same (class, probability) pairs, any order
             assert dict(zip(a['cls'].tolist(), a['prob'].tolist())) == \

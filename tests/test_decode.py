@@ -23,11 +23,11 @@ def test_region_decode_matches_pils_crop_and_resize(randaug_beton):
     for i in range(0, 500, 5):
         meta = f.image_meta[i]
         h_img, w_img = int(meta['height']), int(meta['width'])
-        img = Image.open(io.BytesIO(f.jpeg(i).tobytes())).convert('RGB')
+        img = Image.open(io.BytesIO(f.payload(i).tobytes())).convert('RGB')
         for size in (224, 64):
             top, left, h, w = (int(v) for v in f.records(i)[0]['crop'])
             out = np.empty((size, size, 3), np.uint8)
-            assert decode_crop_resize(np.array(f.jpeg(i)), h_img, w_img, top, left, h, w, out)
+            assert decode_crop_resize(np.array(f.payload(i)), h_img, w_img, top, left, h, w, out)
             crop = img.crop((left, top, left + w, top + h))
             pil = np.array(crop.resize((size, size), Image.BILINEAR))
             scaled = dct_scale(h, w, size, size) > 1
@@ -46,7 +46,7 @@ def test_region_decode_matches_pils_crop_and_resize(randaug_beton):
 def test_corrupt_jpeg_gives_a_black_image_not_a_crash(randaug_beton):
     f = BetonFile(randaug_beton)
     meta = f.image_meta[0]
-    jpeg = np.array(f.jpeg(0))[:200]
+    jpeg = np.array(f.payload(0))[:200]
     out = np.full((32, 32, 3), 7, np.uint8)
     h, w = int(meta['height']), int(meta['width'])
     assert not decode_crop_resize(jpeg, h, w, 0, 0, h, w, out)

@@ -81,7 +81,7 @@ def stored_pixels(f: BetonFile, i) -> np.ndarray:
     m = f.image_meta[i]
     h, w = int(m['height']), int(m['width'])
     out = np.empty((h, w, 3), np.uint8)
-    assert decode_crop_resize(f.jpeg(i), h, w, 0, 0, h, w, out)
+    assert decode_crop_resize(f.payload(i), h, w, 0, 0, h, w, out)
     return out
 
 
@@ -213,8 +213,8 @@ def test_verify_catches_out_of_bounds_records_that_checksums_match(good_beton, t
     meta = np.zeros(1, IMAGE_METADATA)
     buf = np.zeros(1 << 20, np.uint8)
     m = f.image_meta[4]
-    ReinforcedImageField(f.recipe).encode(meta[0], (f.jpeg(4).copy(), m['orig_width'], m['orig_height'],
-                                                    m['width'], m['height'], recs),
+    ReinforcedImageField(f.recipe).encode(meta[0], (f.payload(4).copy(), m['orig_width'], m['orig_height'],
+                                                    m['width'], m['height'], m['mode'], recs),
                                           lambda n: (int(m['data_ptr']), buf[:n]))
     bad = tmp_path / 'bounds.beton'
     shutil.copy(good_beton, bad)
@@ -403,14 +403,14 @@ def test_a_killed_writer_process_stops_the_write_with_a_message(tmp_path, monkey
     """A worker killed mid-write (as by the kernel's OOM killer): FFCV's writer
     would wait for it forever; ffcv-dr stops, says so and leaves nothing."""
     import ffcv_dr.convert as conv
-    read, victim = conv.read_jpeg, list_images(IMAGES).paths[100]
+    read, victim = conv.stored_image, list_images(IMAGES).paths[100]
 
     def read_or_die(path, *args):
         if path == victim:
             os.kill(os.getpid(), signal.SIGKILL)
         return read(path, *args)
 
-    monkeypatch.setattr(conv, 'read_jpeg', read_or_die)
+    monkeypatch.setattr(conv, 'stored_image', read_or_die)
     with pytest.raises(ConvertError, match=r'k\.beton: writing failed .*a writer process died \(exit code -9\)'):
         convert(IMAGES, str(tmp_path / 'k.beton'), RANDAUG, num_workers=2)
     assert os.listdir(tmp_path) == []

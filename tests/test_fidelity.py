@@ -33,7 +33,7 @@ def fixture(request):
 def pil_crop(f: BetonFile, index, params):
     """ml-dr's front end: PIL decode, then torchvision's resized_crop on PIL."""
     top, left, h, w = params['crop']
-    img = Image.open(io.BytesIO(f.jpeg(index).tobytes())).convert('RGB')
+    img = Image.open(io.BytesIO(f.payload(index).tobytes())).convert('RGB')
     return np.array(img.crop((left, top, left + w, top + h)).resize((224, 224), Image.BILINEAR))
 
 

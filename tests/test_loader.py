@@ -224,3 +224,24 @@ def test_erase_boxes_and_translations_follow_the_output_size(randaug_beton, size
                 shifted.append(bool(inner.any()))  # False only on images with black edges
                 checked += 1
     assert checked > 40 and np.mean(shifted) > 0.8
+
+
+def test_output_size_changes_between_epochs_without_a_recompile(randaug_beton):
+    """Progressive resizing: set_output_size takes effect at the next epoch, the
+    images are the replay at the new size, and nothing is compiled again."""
+    from numba.core import event
+    f = BetonFile(randaug_beton)
+    loader = Loader(randaug_beton, batch_size=8, num_workers=2, order=OrderOption.SEQUENTIAL,
+                    indices=np.arange(16), seed=3, reinforcement_index=True)
+    for images, _, _ in loader:
+        assert images.shape == (8, 224, 224, 3)
+    for size in ((160, 160), (96, 128)):
+        loader.set_output_size(size)
+        with event.install_recorder('numba:compile') as compiles:
+            batches = [[t.clone() for t in batch] for batch in loader]
+        assert compiles.buffer == []
+        images, js = torch.cat([b[0] for b in batches]), torch.cat([b[2] for b in batches])
+        assert images.shape == (16, *size, 3)
+        for i in (0, 7, 15):
+            np.testing.assert_array_equal(images[i].numpy(),
+                                          f.render(i, int(js[i]), 3, loader.clock.epoch, size=size))

@@ -37,7 +37,7 @@ def same_content(a: str, b: str):
     fa, fb = BetonFile(a), BetonFile(b)
     assert len(fa) == len(fb) and fa.recipe == fb.recipe
     for i in range(len(fa)):
-        assert fa.label(i) == fb.label(i) and np.array_equal(fa.jpeg(i), fb.jpeg(i))
+        assert fa.label(i) == fb.label(i) and np.array_equal(fa.payload(i), fb.payload(i))
         assert fa.records(i).tobytes() == fb.records(i).tobytes()
         assert fa.topk(i).tobytes() == fb.topk(i).tobytes()
 
@@ -112,7 +112,7 @@ def test_mixing_draws_follow_mldrs_recipe():
     recipe = Recipe(num_samples=50, topk=5, num_classes=10, ra_ops=2, erase=True, mixing=True)
     settings = Settings('t', (), 0, 'rrc+ra+re+mix', 50, 5, 224, (0.08, 1), (0.75, 4 / 3), 2, 9,
                         0.25, 0, 64, 64, 0, (0.5, 1.0, 2.0), (0.5, 1.0))
-    fresh = fresh_settings(recipe, (224, 224))
+    fresh = fresh_settings(recipe)
     sizes = [(500, 375), (300, 800), (640, 480), (333, 500)] * 10
     recs = np.concatenate([sample_records(recipe, settings, fresh, i, sizes, np.uint64(3))
                            for i in range(40)])

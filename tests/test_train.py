@@ -13,7 +13,7 @@ import torch
 
 from conftest import needs_shared
 from ffcv_dr.train import (calibration, expected_calibration_error, load_config, lr_factor,
-                           train)
+                           resolution, train)
 
 TINY = ['model.arch=test_efficientnet', 'data.image_size=64', 'data.batch_size=16',
         'data.workers=2', 'train.epochs=2', 'train.warmup_epochs=0', 'train.lr=0.2',
@@ -53,6 +53,25 @@ def test_schedule_warms_up_then_decays():
     assert all(a >= b for a, b in zip(f[200:], f[201:])) and f[-1] < 1e-3
     t.update(schedule='step', step_epochs=[5, 8], warmup_epochs=0)
     assert [lr_factor(s * 100, 100, t) for s in (4, 5, 8)] == pytest.approx([1, 0.1, 0.01])
+
+
+def test_resolution_ramps_as_ffcv_imagenet():
+    """ffcv-imagenet's rn50 88-epoch setting: 160 px to epoch 65, 192 px from 76."""
+    sides = [resolution(e, 160, 192, 65, 76) for e in range(88)]
+    assert sides[:66] == [160] * 66 and sides[76:] == [192] * 12
+    assert sides == sorted(sides) and all(s % 32 == 0 for s in sides)
+    assert sides[70] == 160 + 32 * round(32 * 5 / 11 / 32)
+    with pytest.raises(ValueError, match='min_res'):
+        resolution(0, 192, 160, 0, 1)
+
+
+@needs_shared
+def test_training_follows_the_resolution_ramp(mixing_beton, small_images, tmp_path):
+    """Each epoch's batches come at the ramp's side, and the network takes them as they come."""
+    train(config(mixing_beton, small_images, str(tmp_path), 'train.epochs=3', 'resolution.min_res=32',
+                 'resolution.max_res=96', 'resolution.start_ramp=0', 'resolution.end_ramp=2',
+                 'resolution.val_res=64'))
+    assert [r['resolution'] for r in read_log(str(tmp_path))] == [32, 64, 96]
 
 
 def test_unknown_settings_are_refused():

@@ -1,4 +1,5 @@
-"""The image field: JPEG bytes with the augmentation parameters of every reinforcement."""
+"""The image field: the stored image (JPEG bytes or raw pixels) with the
+augmentation parameters of every reinforcement."""
 from __future__ import annotations
 
 from collections import namedtuple
@@ -17,7 +18,7 @@ from ..format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
                       IMAGE_METADATA, Recipe, block_crc, field_offset, reinforcement_dtype)
 from ..geometry import (erase, fresh_flip, hflip_inplace, random_erasing, random_resized_crop,
                         read_u16, scale_box)
-from ..jpeg import decode_crop_resize
+from ..jpeg import crop_resize
 from ..mixing import cutmix, mixup
 from ..randaugment import apply_op, draw_ops, magnitude_table
 from ..schedule import (STREAM_FRESH_ERASE, STREAM_FRESH_RA, ReplayClock, choose,
@@ -25,11 +26,12 @@ from ..schedule import (STREAM_FRESH_ERASE, STREAM_FRESH_RA, ReplayClock, choose
 
 
 class ReinforcedImageField(Field):
-    """JPEG bytes plus ``recipe.num_samples`` reinforcement records.
+    """The stored image plus ``recipe.num_samples`` reinforcement records.
 
-    ``encode`` takes ``(jpeg, orig_width, orig_height, width, height, records)``:
-    the JPEG as a uint8 array, the original size (the pixel space of the
-    stored boxes), the size of the stored JPEG, and a structured array of
+    ``encode`` takes ``(payload, orig_width, orig_height, width, height, mode,
+    records)``: the JPEG bytes or raw RGB pixels as a uint8 array, the
+    original size (the pixel space of the stored boxes), the stored size,
+    ``STORED_JPEG`` or ``STORED_RAW``, and a structured array of
     ``reinforcement_dtype(recipe)`` with one row per reinforcement.
     """
 
@@ -49,19 +51,20 @@ class ReinforcedImageField(Field):
         return self.recipe.to_binary()
 
     def encode(self, destination, value, malloc):
-        jpeg, orig_w, orig_h, width, height, records = value
+        payload, orig_w, orig_h, width, height, mode, records = value
         records = np.asarray(records, dtype=self.record_dtype)
         if records.shape != (self.recipe.num_samples,):
             raise ValueError(f'expected {self.recipe.num_samples} reinforcements, got {records.shape}')
         params = records.view('<u1').reshape(-1)
-        ptr, block = malloc(params.size + jpeg.size)
+        ptr, block = malloc(params.size + payload.size)
         block[:params.size] = params
-        block[params.size:] = jpeg
+        block[params.size:] = payload
         destination['data_ptr'] = ptr
         destination['orig_width'] = orig_w
         destination['orig_height'] = orig_h
         destination['width'] = width
         destination['height'] = height
+        destination['mode'] = mode
         destination['crc32'] = block_crc(destination, block)
 
     def get_decoder_class(self):
@@ -109,7 +112,7 @@ class ReinforcedImageDecoder(Operation):
             raise ValueError(f'holds no reinforcements, so only fresh augmentations (p=0) can be '
                              f'loaded, not p={self.clock.p}')
         layout = render_layout(recipe)
-        fresh = fresh_settings(recipe, self._out_shape())
+        fresh = fresh_settings(recipe)
         num_samples = np.int64(recipe.num_samples)
         seed, p, address = self.clock.constants
         mem_read = self.memory_read
@@ -167,9 +170,11 @@ def render_layout(recipe: Recipe) -> Layout:
                   off('mixup_lam'), off('cutmix_lam'), off('cutmix_box'))
 
 
-def fresh_settings(recipe: Recipe, out_shape) -> Fresh:
-    """What fresh (non-replayed) samples draw from, at the output size."""
-    mags, signed = magnitude_table(out_shape[0], out_shape[1], recipe.ra_magnitude)
+def fresh_settings(recipe: Recipe) -> Fresh:
+    """What fresh (non-replayed) samples draw from, at the recipe's size, as the
+    stored ones were drawn; :func:`render` scales translations to the output
+    size, so nothing compiled depends on it."""
+    mags, signed = magnitude_table(recipe.size, recipe.size, recipe.ra_magnitude)
     return Fresh(*recipe.scale, *recipe.ratio, mags, signed,
                  recipe.erase_p if recipe.erase else 0.0)
 
@@ -180,12 +185,12 @@ def temp_size(recipe: Recipe, out_shape) -> int:
     return out_shape[0] * out_shape[1] * 3 * (2 if recipe.mixing else 1)
 
 
-@nb.njit(nogil=True, fastmath=False, inline='always')
+@nb.njit(nogil=True, fastmath=False, inline='always', cache=True)
 def _read_f32(buf, offset):
     return buf[offset:offset + 4].view(np.float32)[0]
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def pair_index(block, j, layout):
     """The image that reinforcement j of this block mixes with, or -1."""
     if not layout.mixing or j < 0:
@@ -196,19 +201,20 @@ def pair_index(block, j, layout):
     return np.int64(read_u16(rec, layout.pair)) | (np.int64(read_u16(rec, layout.pair + 2)) << 16)
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _render_stored(block, meta, rec, view, layout, scratch, out):
-    """Decode, crop and resize one stored view into ``out``, then replay the rest."""
+    """Crop (decoding what a JPEG needs) and resize one stored view into
+    ``out``, then replay the rest."""
     height, width = np.int64(meta['height']), np.int64(meta['width'])
     top, left, h, w = scale_box(
         read_u16(rec, view.crop), read_u16(rec, view.crop + 2),
         read_u16(rec, view.crop + 4), read_u16(rec, view.crop + 6),
         meta['orig_height'], meta['orig_width'], height, width)
-    decode_crop_resize(block[layout.params_size:], height, width, top, left, h, w, out)
+    crop_resize(block[layout.params_size:], meta['mode'], height, width, top, left, h, w, out)
     replay_view(out, rec, view, layout, scratch)
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def replay_view(out, rec, view, layout, scratch):
     """Flip, RandAugment and RandomErasing of one stored view, applied to its
     resized crop ``out``; ``scratch`` has out's shape."""
@@ -230,7 +236,7 @@ def replay_view(out, rec, view, layout, scratch):
         erase(out, *_scale_out_box(box, sy, sx))
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def replay_mixing(out, paired, rec, layout):
     """MixUp, then CutMix, of ``out`` with the rendered paired image."""
     flags = rec[layout.mix_flags]
@@ -245,7 +251,7 @@ def replay_mixing(out, paired, rec, layout):
         cutmix(out, paired, top, left, top + h, left + w)
 
 
-@nb.njit(nogil=True, fastmath=False, inline='always')
+@nb.njit(nogil=True, fastmath=False, inline='always', cache=True)
 def _scale_out_box(box, sy, sx):
     """A (top, left, height, width) box in recipe-size pixels, at the output size."""
     top, left, h, w = box
@@ -255,27 +261,28 @@ def _scale_out_box(box, sy, sx):
     return t, l, int(round((top + h) * sy)) - t, int(round((left + w) * sx)) - l
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def _render_fresh(block, meta, seed, epoch, index, layout, fresh, scratch, out):
     """A fresh augmentation with the recipe's ops, drawn from (seed, epoch, index)."""
     height, width = np.int64(meta['height']), np.int64(meta['width'])
     top, left, h, w = random_resized_crop(height, width, fresh.scale_lo, fresh.scale_hi,
                                           fresh.ratio_lo, fresh.ratio_hi, seed, epoch, index)
-    decode_crop_resize(block[layout.params_size:], height, width, top, left, h, w, out)
+    crop_resize(block[layout.params_size:], meta['mode'], height, width, top, left, h, w, out)
     if fresh_flip(seed, epoch, index):
         hflip_inplace(out)
     if layout.num_ops:
         ops = np.empty(layout.num_ops, np.uint8)
         mags = np.empty(layout.num_ops, np.float32)
         draw_ops(fresh.ra_mags, fresh.ra_signed, seed, epoch, index, STREAM_FRESH_RA, ops, mags)
+        sy, sx = out.shape[0] / layout.size, out.shape[1] / layout.size
         for k in range(layout.num_ops):
-            apply_op(out, scratch, ops[k], mags[k], 1.0, 1.0)
+            apply_op(out, scratch, ops[k], mags[k], sy, sx)
     if fresh.erase_p > 0:
         erase(out, *random_erasing(out.shape[0], out.shape[1], fresh.erase_p,
                                    seed, epoch, index, STREAM_FRESH_ERASE))
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def render(block, meta, pair_block, pair_meta, j, seed, epoch, index, temp, out, layout, fresh):
     """Render one sample; the decoder and ``ffcv-dr replay`` both call it, so a
     replayed PNG is exactly what training sees.

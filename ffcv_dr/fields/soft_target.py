@@ -62,7 +62,7 @@ class SoftTargetField(Field):
         return SoftTargetDecoder
 
 
-@nb.njit(nogil=True, fastmath=False)
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def densify(rec, topk, out, mode_zeros):
     """ml-dr's densify: 'smooth' spreads the missing mass over the other classes;
     'zeros' (or a top-k summing above 1) puts softmax(top-k) on the top-k, as

@@ -67,6 +67,8 @@ class Loader(ffcv.loader.Loader):
     reinforcement rather than drawing a fresh augmentation (the recipe's ops,
     without mixing) with the one-hot label (ml-dr trains with 0.99). Mixing
     recipes need ``os_cache=True``: paired images are read from the file.
+    :meth:`set_output_size` changes the image size between epochs
+    (progressive resizing) without recompiling anything.
     """
 
     def __init__(self, fname: str, batch_size: int, num_workers: int = -1,
@@ -79,6 +81,7 @@ class Loader(ffcv.loader.Loader):
         self.clock = ReplayClock(seed, p)
         pipelines = train_pipelines(self.clock, output_size, device, densify, labels,
                                     reinforcement_index, dtype=dtype)
+        self.image_decoder = pipelines['image'][0]
         try:  # the decoders refuse, when compiled here, what this file cannot give
             super().__init__(fname, batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=order, distributed=distributed, seed=seed, indices=indices,
@@ -90,6 +93,18 @@ class Loader(ffcv.loader.Loader):
     def __iter__(self):
         self.clock.set_epoch(self.next_epoch)
         return super().__iter__()
+
+    def set_output_size(self, output_size: Tuple[int, int]):
+        """Images of ``output_size`` (height, width) from the next epoch on.
+
+        FFCV sizes its buffers anew at the start of each epoch, and the
+        compiled decoder takes the size from the buffer it writes to (stored
+        boxes and translations scale with it), so the next epoch's first
+        batch comes as fast as any other."""
+        h, w = (int(v) for v in output_size)
+        if h < 1 or w < 1:
+            raise ValueError(f'output size must be positive, got {output_size}')
+        self.image_decoder.output_size = (h, w)
 
 
 def epoch_rate(loader) -> float:
