@@ -6,9 +6,10 @@
 # 1. Generation: a larger timm teacher (convnext_base, random weights: only its
 #    speed matters here) alone on pre-made batches, against the whole
 #    `ffcv-dr reinforce` pipeline on the first 320 images of IMAGES_DIR.
-# 2. Training step: ResNet-50, channels_last, AMP, fed by ffcv-dr against plain
-#    FFCV from the same JPEG bytes (benchmarks/gpu_train_step.py), on a .beton
-#    reinforced from IMAGES_DIR repeated 8 times (enough batches per epoch).
+# 2. Training step at 176 px: ResNet-50, channels_last, AMP, fed by ffcv-dr
+#    against plain FFCV on the same images as ffcv-imagenet writes ImageNet
+#    (benchmarks/gpu_train_step.py), on a .beton reinforced from IMAGES_DIR
+#    repeated 8 times (enough batches per epoch).
 set -euo pipefail
 images="$1"
 work="${2:-$(mktemp -d)}"
@@ -28,4 +29,4 @@ for cls in "$images"/*/; do
 done
 python3 -m ffcv_dr.cli reinforce "$repeated" "$work/train.beton" --teacher resnet18 --no-pretrained \
     --samples 2 --device cuda --batch-size 256
-python3 "$here/gpu_train_step.py" "$work/train.beton" --batch-size 256 --rounds 3
+python3 "$here/gpu_train_step.py" "$work/train.beton" --size 176 --batch-size 256 --rounds 3

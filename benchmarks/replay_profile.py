@@ -2,7 +2,7 @@
 :func:`render` run in a loop over every image of a ``.beton`` (one stored
 reinforcement each), beside a full decode of the same JPEGs (bench's ceiling A).
 
-    .venv/bin/python benchmarks/replay_profile.py out/imagenet-sample-ns400.beton
+    .venv/bin/python benchmarks/replay_profile.py out/imagenet-sample-ns400.beton [--size 176]
 """
 import argparse
 import time
@@ -60,11 +60,12 @@ def best_ms(fn, n, repeats=5):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('beton')
+    parser.add_argument('--size', type=int, default=None, help="output side (default: the recipe's)")
     args = parser.parse_args()
     f = BetonFile(args.beton)
     if f.recipe.mixing or not f.recipe.num_samples:
         raise SystemExit(f'{args.beton}: profiles stored reinforcements of a recipe without mixing')
-    n, size = len(f), f.recipe.size
+    n, size = len(f), args.size or f.recipe.size
     blocks = [np.array(f.image_block(i)) for i in range(n)]
     offsets = np.concatenate([[0], np.cumsum([b.size for b in blocks])])
     data, meta = np.concatenate(blocks), f.image_meta
@@ -82,7 +83,7 @@ def main():
             ('region decode + resize', lambda: _crops(data, offsets, meta, js, layout, outs)),
             ('flip + RandAugment + erasing', lambda: _replays(data, offsets, js, layout, outs, scratch)),
             ('whole replay (render)', lambda: _renders(data, offsets, meta, js, layout, fresh, temp, outs))]
-    print(f'{n} images, one stored reinforcement each, one core')
+    print(f'{n} images, one stored reinforcement each, {size} px, one core')
     for name, fn in rows:
         print(f'{name:30s} {best_ms(fn, n):6.3f} ms/image')
 

@@ -91,6 +91,22 @@ def test_stored_topk_is_the_teacher_on_the_loaders_replay(one_process, tmp_path)
     assert right >= 12  # a real teacher: its top-1 is mostly the ImageNet label
 
 
+def test_the_teacher_labels_the_pixels_as_stored(small_images, tmp_path):
+    """Stored as ffcv-imagenet stores ImageNet, shrunk (boxes stay in original
+    pixels) and half raw: the teacher saw what the loader gives."""
+    from ffcv_dr.format import STORED_JPEG, STORED_RAW
+    out = str(tmp_path / 'stored.beton')
+    done = run_cli([small_images, out, '--write-mode', 'proportion', '--max-resolution', '200',
+                    '--jpeg-quality', '90'])
+    assert done.returncode == 0, done.stderr[-2000:]
+    f = BetonFile(out)
+    assert set(f.image_meta['mode']) == {STORED_JPEG, STORED_RAW}
+    assert (np.maximum(f.image_meta['width'], f.image_meta['height']) <= 200).all()
+    assert (np.maximum(f.image_meta['orig_width'], f.image_meta['orig_height']) > 200).any()
+    worst, right, _ = teacher_on_replay(out, tmp_path)
+    assert worst <= 2e-3, worst
+
+
 def test_mixed_topk_is_the_teacher_on_the_loaders_mixed_replay(mixing_process, tmp_path):
     """Mixed samples too: the loader renders the paired image from the file
     and mixes it exactly as generation did."""
