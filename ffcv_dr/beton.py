@@ -2,23 +2,33 @@
 (``info``, ``replay``, tests), through FFCV's own Reader."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from ffcv.reader import Reader
 
 from .fields import CUSTOM_FIELDS, ReinforcedImageField, SoftTargetField
 from .fields.reinforced_image import (fresh_settings, pair_index, render, render_layout,
                                      temp_size)
+from .rules import PROBLEMS, file_problems, magnitude_limits, sample_problem
 from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, RA_OPS,
                      reinforcement_dtype, topk_dtype)
 
 
 class BetonFile:
-    def __init__(self, path: str):
+    """An opened ffcv-dr file. Unless ``check`` is False (``verify``, which
+    reports every problem instead), a file that fails :mod:`ffcv_dr.rules`
+    is refused with a ValueError naming the file, the first bad sample and
+    the field."""
+
+    def __init__(self, path: str, check: bool = True):
         self.path = path
+        if not os.path.isfile(path):
+            raise ValueError(f'{path}: no such file')
         try:
             self.reader = Reader(path, CUSTOM_FIELDS)
-        except (AssertionError, ValueError, OSError, IndexError, TypeError) as e:
-            raise ValueError(f'{path}: not a readable ffcv-dr .beton ({e})') from None
+        except (AssertionError, ValueError, OSError, IndexError, TypeError, KeyError) as e:
+            raise ValueError(f'{path}: not a readable ffcv-dr .beton ({type(e).__name__}: {e})') from None
         handlers = self.reader.handlers
         if not (isinstance(handlers.get('image'), ReinforcedImageField)
                 and isinstance(handlers.get('target'), SoftTargetField)):
@@ -33,6 +43,18 @@ class BetonFile:
         table = np.sort(self.reader.alloc_table, order='ptr')
         self._ptrs, self._sizes = table['ptr'], table['size']
         self._mmap = np.memmap(path, np.uint8, mode='r')
+        self._orig_sizes = None
+        if check:
+            problems, _ = file_problems(self)
+            if problems:
+                kind, message = problems[0]
+                more = f' (and {len(problems) - 1} more problems)' if len(problems) > 1 else ''
+                raise ValueError(f'{path}: {message}{more}; `ffcv-dr verify` lists them all')
+
+    def labels_field(self):
+        """The IntField labels, or None in a file without that field."""
+        names = self.reader.field_names
+        return self.reader.metadata[f'f{names.index("label")}'] if 'label' in names else None
 
     def __len__(self):
         return int(self.reader.num_samples)
@@ -67,6 +89,11 @@ class BetonFile:
         out = np.empty((size, size, 3) if np.isscalar(size) else (*size, 3), np.uint8)
         layout = render_layout(self.recipe)
         block = self.image_block(index)
+        if j >= 0:
+            problem = self.problem(index, j)
+            if problem:
+                raise ValueError(f'{self.path}: sample {index}, reinforcement {j}: damaged '
+                                 f'{problem} (the loader replaces it with a fresh augmentation)')
         pair = pair_index(block, j, layout)
         pair = index if pair < 0 else pair
         render(block, self.image_meta[index], self.image_block(pair), self.image_meta[pair],
@@ -74,6 +101,17 @@ class BetonFile:
                np.empty(temp_size(self.recipe, out.shape), np.uint8), out, layout,
                fresh_settings(self.recipe))
         return out
+
+    def problem(self, index: int, j: int) -> str:
+        """'' or what :func:`rules.sample_problem` finds wrong with reinforcement j."""
+        r = self.recipe
+        if self._orig_sizes is None:
+            self._orig_sizes = np.stack([self.image_meta['orig_height'],
+                                         self.image_meta['orig_width']], 1).astype(np.int64)
+        code = sample_problem(self.image_block(index), self.block(self.target_meta[index]['data_ptr']),
+                              j, render_layout(r), magnitude_limits(r), r.topk, r.num_classes, index,
+                              self._orig_sizes)
+        return PROBLEMS[code]
 
     def topk(self, index: int) -> np.ndarray:
         return self.topk_records(self.block(self.target_meta[index]['data_ptr']))
@@ -108,8 +146,8 @@ def _describe_view(rec, prefix, recipe) -> dict:
     flags = int(rec[prefix + 'flags'])
     out = {'crop': [int(v) for v in rec[prefix + 'crop']], 'flip': bool(flags & FLIP)}
     if recipe.ra_ops:
-        out['rand_augment'] = ([[RA_OPS[int(o)], float(m)] for o, m in
-                                zip(rec[prefix + 'ra_op'], rec[prefix + 'ra_mag'])]
+        ops = [RA_OPS[o] if o < len(RA_OPS) else f'unknown op {o}' for o in rec[prefix + 'ra_op']]
+        out['rand_augment'] = ([[op, float(m)] for op, m in zip(ops, rec[prefix + 'ra_mag'])]
                                if flags & HAS_RA else None)
     if recipe.erase:
         out['erase'] = [int(v) for v in rec[prefix + 'erase']] if flags & HAS_ERASE else None

@@ -61,9 +61,10 @@ from dataclasses import dataclass, asdict
 
 import numpy as np
 
-FORMAT_VERSION = 4   # 2: CRC32s cover the metadata fields and the top-k block too;
+FORMAT_VERSION = 5   # 2: CRC32s cover the metadata fields and the top-k block too;
 #                     3: the recipe holds its draw settings (scale, ratio, magnitude, erase p);
-#                     4: images may be stored as raw pixels (IMAGE_METADATA's mode)
+#                     4: images may be stored as raw pixels (IMAGE_METADATA's mode);
+#                     5: the recipe has a CRC32 of its own
 
 FLIP, HAS_RA, HAS_ERASE = 1, 2, 4
 HAS_PAIR, HAS_MIXUP, HAS_CUTMIX = 1, 2, 4
@@ -86,6 +87,7 @@ RECIPE_DTYPE = np.dtype([
     ('ratio', '<f8', (2,)),
     ('ra_magnitude', 'u1'),
     ('erase_p', '<f8'),
+    ('crc32', '<u4'),   # of all the bytes before it
 ])
 
 IMAGE_METADATA = np.dtype([
@@ -105,6 +107,10 @@ TARGET_METADATA = np.dtype([
 ])
 
 
+# float16 -> float32 for every bit pattern (numba has no float16 on the CPU), to read top-k records.
+HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
 def block_crc(meta, block) -> int:
     """CRC32 of a metadata row's fields (all but ``data_ptr`` and ``crc32``)
     followed by its data block: ``ffcv-dr verify`` recomputes it, so a flipped
@@ -122,6 +128,7 @@ def _crc_fields(dtype) -> tuple:
 
 MAX_CLASSES = 1 << 16
 MAX_SAMPLES = (1 << 16) - 1
+MAX_SIZE = 4096   # output side: a 4096 px batch slot already takes 48 MiB
 
 
 @dataclass(frozen=True)
@@ -146,8 +153,8 @@ class Recipe:
             raise ValueError(f'topk must be in 1..num_classes, got {self.topk}')
         if not 1 <= self.num_classes <= MAX_CLASSES:
             raise ValueError(f'num_classes must be in 1..{MAX_CLASSES}, got {self.num_classes}')
-        if not 1 <= self.size < (1 << 16):
-            raise ValueError(f'size must be in 1..65535, got {self.size}')
+        if not 1 <= self.size <= MAX_SIZE:
+            raise ValueError(f'size must be in 1..{MAX_SIZE}, got {self.size}')
         if not 0 < self.scale[0] <= self.scale[1] <= 1 or not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f'scale must be 0 < lo <= hi <= 1 and ratio 0 < lo <= hi, '
                              f'got {self.scale} and {self.ratio}')
@@ -162,6 +169,7 @@ class Recipe:
         out['version'] = FORMAT_VERSION
         for key, value in asdict(self).items():
             out[key] = value
+        out['crc32'] = _recipe_crc(out)
         return out
 
     @classmethod
@@ -170,6 +178,8 @@ class Recipe:
         if version != FORMAT_VERSION:
             raise ValueError(f'ffcv-dr format version {version} is not supported '
                              f'(this ffcv-dr reads version {FORMAT_VERSION}; convert the data again)')
+        if _recipe_crc(arr) != arr['crc32']:
+            raise ValueError('the recipe in a field descriptor fails its CRC32: the file is damaged')
         return cls(num_samples=int(arr['num_samples']), topk=int(arr['topk']),
                    num_classes=int(arr['num_classes']), ra_ops=int(arr['ra_ops']),
                    erase=bool(arr['erase']), mixing=bool(arr['mixing']),
@@ -187,6 +197,10 @@ class Recipe:
     def from_binary(cls, binary) -> 'Recipe':
         raw = np.asarray(binary).view('<u1').reshape(-1)[:RECIPE_DTYPE.itemsize]
         return cls.from_array(raw.copy().view(RECIPE_DTYPE)[0])
+
+
+def _recipe_crc(arr) -> int:
+    return zlib.crc32(np.asarray(arr).reshape(1).view('<u1')[:RECIPE_DTYPE.fields['crc32'][1]].tobytes())
 
 
 def view_dtype(recipe: Recipe, prefix: str = '') -> list:

@@ -74,6 +74,20 @@ def read_epoch(address):
     return nb.carray(_address_as_pointer(address), 1, np.int64)[0]
 
 
+# Columns of the per-sample table both decoders read: where each image's two
+# blocks are, its original size (the crops' pixel space), and a flag set by
+# the decoders when a sample holds a damaged record.
+IMAGE_PTR, TARGET_PTR, ORIG_H, ORIG_W, DAMAGED = range(5)
+TABLE_COLUMNS = 5
+
+
+@nb.njit(nogil=True, fastmath=False, cache=True)
+def sample_table(address, n):
+    """The (n, 5) int64 table at ``address`` (a :class:`ReplayClock`'s ``table``)."""
+    return nb.carray(_address_as_pointer(address), (n, TABLE_COLUMNS), np.int64)
+
+
+
 class ReplayClock:
     """The replay state shared by the image and target decoders of a loader.
 
@@ -88,6 +102,41 @@ class ReplayClock:
         self.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
         self.p = float(p)
         self._epoch = np.zeros(1, np.int64)   # read by compiled code by address
+        self.path, self._table, self._reported = None, None, 0
+
+    def bind(self, beton):
+        """Give the decoders the file's per-sample table (an opened
+        :class:`~ffcv_dr.beton.BetonFile`): each decoder then checks the
+        image's record and top-k both, so image and target agree on the
+        samples that fall back to a fresh augmentation with their label."""
+        table = np.zeros((len(beton), TABLE_COLUMNS), np.int64)
+        table[:, IMAGE_PTR] = beton.image_meta['data_ptr']
+        table[:, TARGET_PTR] = beton.target_meta['data_ptr']
+        table[:, ORIG_H] = beton.image_meta['orig_height']
+        table[:, ORIG_W] = beton.image_meta['orig_width']
+        self.path, self._table = beton.path, table
+
+    @property
+    def table(self) -> tuple:
+        """(address, rows) of the bound table, for compiled code."""
+        if self._table is None:
+            raise ValueError('the ReplayClock is not bound to the file: call clock.bind(BetonFile(path))')
+        return np.uint64(self._table.ctypes.data), np.int64(len(self._table))
+
+    def damaged(self) -> np.ndarray:
+        """Indices of the samples found holding a damaged record so far."""
+        return np.flatnonzero(self._table[:, DAMAGED]) if self._table is not None else np.zeros(0, int)
+
+    def report_damaged(self):
+        """Warn, once per newly found batch of them, of samples that fell back
+        to a fresh augmentation because a record of theirs is damaged."""
+        found = self.damaged()
+        if len(found) > self._reported:
+            import warnings
+            warnings.warn(f'{self.path}: {len(found)} samples (first: sample {found[0]}) hold damaged '
+                          'records (run ffcv-dr verify); they are trained on fresh augmentations '
+                          'with their labels instead', RuntimeWarning, stacklevel=3)
+            self._reported = len(found)
 
     @property
     def address(self) -> np.uint64:

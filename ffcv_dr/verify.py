@@ -1,20 +1,24 @@
 """``ffcv-dr verify DATA.beton``: check every record of a file.
 
 The file is opened through FFCV's Reader (header, format version, field
-descriptors, metadata, allocation table). Then, for every image:
+descriptors, metadata, allocation table) and its structure checked by
+:mod:`ffcv_dr.rules` (the recipes of both fields agree; every data pointer
+starts a block of the right size inside the file; image sizes, storage modes
+and labels are valid), which also refuses a bad file wherever one is opened.
+Then, for every image whose structure is sound:
 
-- its data blocks lie inside the file, where the allocation table says;
 - the CRC32s of the image and target metadata with their blocks match, so
   any flipped byte in a JPEG, a reinforcement record, a top-k record or the
   metadata is caught;
-- every reinforcement record is in bounds: crop boxes inside the original
-  image, known flag bits, RandAugment op ids, finite magnitudes, erase boxes
-  inside the output and, in mixing recipes, the paired image's index,
-  lambdas in [0, 1] and CutMix boxes -- the loader trusts all of these;
-- top-k probabilities are finite, in [0, 1] and sum to at most 1, class ids
-  and labels lie below ``num_classes`` and the two label copies agree;
+- every reinforcement record and top-k passes :func:`ffcv_dr.rules.sample_problem`,
+  the rule the loader applies before replaying one: crop boxes inside the
+  original image, known flag bits, RandAugment op ids and magnitudes that
+  RandAugment can draw, erase boxes inside the output and, in mixing recipes,
+  the paired image's index, lambdas in [0, 1] and CutMix boxes; top-k
+  probabilities in [0, 1] summing to at most 1, distinct class ids below
+  ``num_classes``;
 - a stored JPEG decodes in full (at 1/8 scale) without libjpeg warnings, at
-  its stored size; raw pixels are exactly as many as the stored size says.
+  its stored size.
 
 Images are checked in chunks on threads: zlib and libjpeg (through ctypes)
 release the GIL.
@@ -30,9 +34,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .beton import BetonFile
-from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, RA_OPS,
-                     STORED_JPEG, STORED_RAW, block_crc, topk_block_size)
+from .fields.reinforced_image import render_layout
+from .format import STORED_JPEG, block_crc
 from .jpeg import check_jpeg
+from .rules import PROBLEMS, file_problems, image_problems, magnitude_limits
 
 CHUNK = 256
 
@@ -70,26 +75,20 @@ def verify(path: str, workers: int = None) -> Report:
     start = time.perf_counter()
     report = Report(path)
     try:
-        f = BetonFile(path)
+        f = BetonFile(path, check=False)
     except (ValueError, OSError) as e:
         report.add('unreadable file', str(e))
         return report
     n = len(f)
     report.images = n
-    if len(f.image_meta) != n or len(f.target_meta) != n:
-        report.add('counts', f'{path}: {n} samples but {len(f.image_meta)} image and '
-                             f'{len(f.target_meta)} target metadata rows')
+    problems, unsound = file_problems(f)
+    for kind, message in problems:
+        report.add(kind, f'{path}: {message}')
+    if unsound.all():
         return report
-    size = os.path.getsize(path)
-    ends = f._ptrs.astype(np.uint64) + f._sizes.astype(np.uint64)
-    if len(ends) != 2 * n or (len(ends) and int(ends.max()) > size):
-        report.add('truncated file', f'{path}: the allocation table holds {len(ends)} blocks for '
-                                     f'{n} images, ending at byte {int(ends.max()) if len(ends) else 0} '
-                                     f'of {size}: the file is truncated or damaged')
-        return report
-    labels = _label_field(f)
+    orig_sizes = np.stack([f.image_meta['orig_height'], f.image_meta['orig_width']], 1).astype(np.int64)
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        for problems in pool.map(lambda lo: _check_chunk(f, lo, min(lo + CHUNK, n), labels),
+        for problems in pool.map(lambda lo: _check_chunk(f, lo, min(lo + CHUNK, n), unsound, orig_sizes),
                                  range(0, n, CHUNK)):
             for kind, message in problems:
                 report.add(kind, f'{path}: {message}')
@@ -97,25 +96,17 @@ def verify(path: str, workers: int = None) -> Report:
     return report
 
 
-def _label_field(f: BetonFile):
-    names = f.reader.field_names
-    return f.reader.metadata[f'f{names.index("label")}'] if 'label' in names else None
-
-
-def _check_chunk(f: BetonFile, lo: int, hi: int, labels) -> list:
-    problems, records, rows = [], [], []
-    recipe = f.recipe
+def _check_chunk(f: BetonFile, lo: int, hi: int, unsound, orig_sizes) -> list:
+    """The per-image checks, on the images whose structure :mod:`rules` passed."""
+    problems = []
+    r = f.recipe
+    layout, limits = render_layout(r), magnitude_limits(r)
+    found = np.zeros(r.num_samples, np.int64)
     for i in range(lo, hi):
-        im, tg = f.image_meta[i], f.target_meta[i]
-        try:
-            block, top = f.block(im['data_ptr']), f.block(tg['data_ptr'])
-        except ValueError:
-            block = top = None
-        if block is None or block.size < f.params_size \
-                or top.size != topk_block_size(recipe):
-            problems.append(('bad block pointer', f'image {i}: its data pointers do not match the '
-                                                  'allocation table'))
+        if unsound[i]:
             continue
+        im, tg = f.image_meta[i], f.target_meta[i]
+        block, top = f.block(im['data_ptr']), f.block(tg['data_ptr'])
         if block_crc(im, block) != im['crc32']:
             problems.append(('image checksum', f'image {i}: CRC32 mismatch in its image, '
                                                'reinforcement records or metadata'))
@@ -124,87 +115,14 @@ def _check_chunk(f: BetonFile, lo: int, hi: int, labels) -> list:
             problems.append(('target checksum', f'image {i}: CRC32 mismatch in its top-k records '
                                                 'or label'))
             continue
-        payload = block[f.params_size:]
-        if im['mode'] == STORED_RAW:
-            if payload.size != 3 * int(im['width']) * int(im['height']):
-                problems.append(('raw', f'image {i}: {payload.size} bytes of raw pixels, metadata '
-                                        f'says {im["width"]}x{im["height"]}x3'))
-        elif im['mode'] != STORED_JPEG:
-            problems.append(('storage mode', f'image {i}: unknown storage mode {im["mode"]}'))
-        else:
-            problem, w, h = check_jpeg(payload)
+        if im['mode'] == STORED_JPEG:  # raw pixels: rules checked their size
+            problem, w, h = check_jpeg(block[f.params_size:])
             if problem or (w, h) != (im['width'], im['height']):
                 problems.append(('jpeg', f'image {i}: {problem or f"JPEG is {w}x{h}, metadata says "}'
                                          + ('' if problem else f'{im["width"]}x{im["height"]}')))
-        if tg['label'] >= recipe.num_classes or (labels is not None and labels[i] != tg['label']):
-            problems.append(('label', f'image {i}: label {tg["label"]} (label field: '
-                                      f'{labels[i] if labels is not None else "-"}) is not a class '
-                                      f'id below {recipe.num_classes} or the two disagree'))
-        records.append(block[:f.params_size].view(f.record_dtype))
-        rows.append(i)
-        problems += _topk_problems(i, f.topk_records(top), recipe.num_classes)
-    if records:
-        problems += _record_problems(f, np.array(rows), np.stack(records))
+        image_problems(block, top, layout, limits, r.topk, r.num_classes, i, orig_sizes, found)
+        for code in np.unique(found[found > 0]):
+            j = int(np.flatnonzero(found == code)[0])
+            problems.append((PROBLEMS[code], f'image {i} (reinforcement {j}): {PROBLEMS[code]} '
+                                             'out of bounds'))
     return problems
-
-
-def _topk_problems(i, top, num_classes) -> list:
-    probs = top['prob'].astype(np.float32)
-    bad = ~np.isfinite(probs).all(1) | (probs < 0).any(1) | (probs > 1).any(1) \
-        | (probs.sum(1) > 1.01) | (top['cls'] >= num_classes).any(1)
-    if bad.any():
-        j = int(np.flatnonzero(bad)[0])
-        return [('top-k', f'image {i} (reinforcement {j}): top-k {probs[j].tolist()} of classes '
-                          f'{top["cls"][j].tolist()} are not probabilities of classes below {num_classes}')]
-    return []
-
-
-def _record_problems(f: BetonFile, rows, rec) -> list:
-    """Bounds of the reinforcement records of images ``rows`` (rec: images x N)."""
-    recipe, n = f.recipe, len(f)
-    meta = f.image_meta
-    orig_h = meta['orig_height'][rows].astype(np.int64)[:, None]
-    orig_w = meta['orig_width'][rows].astype(np.int64)[:, None]
-    checks = _view_checks(rec, '', recipe, orig_h, orig_w)
-    if recipe.mixing:
-        flags = rec['mix_flags']
-        paired = (flags & HAS_PAIR) != 0
-        pair = np.where(paired, rec['pair'], 0).astype(np.int64)
-        checks['mixing flags'] = (flags & ~np.uint8(HAS_PAIR | HAS_MIXUP | HAS_CUTMIX) != 0) | (
-            (flags & (HAS_MIXUP | HAS_CUTMIX) != 0) & ~paired)
-        checks['paired image index'] = paired & (pair >= n)
-        pair = np.minimum(pair, n - 1)
-        for kind, bad in _view_checks(rec, 'pair_', recipe, meta['orig_height'][pair].astype(np.int64),
-                                      meta['orig_width'][pair].astype(np.int64)).items():
-            checks['paired ' + kind] = bad & paired
-        lam = rec['mixup_lam']
-        checks['MixUp lambda'] = ((flags & HAS_MIXUP) != 0) & ~((lam >= 0) & (lam <= 1))
-        box = rec['cutmix_box'].astype(np.int64)
-        clam = rec['cutmix_lam']
-        checks['CutMix box'] = ((flags & HAS_CUTMIX) != 0) & (
-            ~((clam >= 0) & (clam <= 1)) | (box[..., 0] > box[..., 2]) | (box[..., 1] > box[..., 3])
-            | (box[..., 2] > recipe.size) | (box[..., 3] > recipe.size))
-    problems = []
-    for kind, bad in checks.items():
-        if bad.any():
-            r, j = (int(v[0]) for v in np.nonzero(bad))
-            problems.append((kind, f'image {rows[r]} (reinforcement {j}): {kind} out of bounds'))
-    return problems
-
-
-def _view_checks(rec, prefix, recipe, orig_h, orig_w) -> dict:
-    crop = rec[prefix + 'crop'].astype(np.int64)
-    top, left, h, w = crop[..., 0], crop[..., 1], crop[..., 2], crop[..., 3]
-    flags = rec[prefix + 'flags']
-    known = FLIP | (HAS_RA if recipe.ra_ops else 0) | (HAS_ERASE if recipe.erase else 0)
-    checks = {'crop box': (h < 1) | (w < 1) | (top + h > orig_h) | (left + w > orig_w),
-              'flags': (flags & ~np.uint8(known)) != 0}
-    if recipe.ra_ops:
-        has = ((flags & HAS_RA) != 0)[..., None]
-        checks['RandAugment op'] = (has & ((rec[prefix + 'ra_op'] >= len(RA_OPS))
-                                           | ~np.isfinite(rec[prefix + 'ra_mag']))).any(-1)
-    if recipe.erase:
-        box = rec[prefix + 'erase'].astype(np.int64)
-        checks['erase box'] = ((flags & HAS_ERASE) != 0) & (
-            (box[..., 0] + box[..., 2] > recipe.size) | (box[..., 1] + box[..., 3] > recipe.size))
-    return checks

@@ -122,6 +122,7 @@ def test_a_plain_ffcv_loader_reads_the_file(randaug_beton):
     from ffcv_dr import CUSTOM_FIELDS, train_pipelines
     f = BetonFile(randaug_beton)
     clock = ReplayClock(seed=5)
+    clock.bind(f)
     loader = ffcv.Loader(randaug_beton, batch_size=8, num_workers=1, order=OrderOption.SEQUENTIAL,
                          indices=np.arange(8), custom_fields=CUSTOM_FIELDS,
                          pipelines=train_pipelines(clock, reinforcement_index=True))

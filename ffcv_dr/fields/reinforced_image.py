@@ -21,8 +21,9 @@ from ..geometry import (erase, fresh_flip, hflip_inplace, random_erasing, random
 from ..jpeg import crop_resize
 from ..mixing import cutmix, mixup
 from ..randaugment import apply_op, draw_ops, magnitude_table
-from ..schedule import (STREAM_FRESH_ERASE, STREAM_FRESH_RA, ReplayClock, choose,
-                        read_epoch)
+from ..rules import magnitude_limits, sample_problem
+from ..schedule import (DAMAGED, ORIG_H, ORIG_W, STREAM_FRESH_ERASE, STREAM_FRESH_RA, TARGET_PTR,
+                        ReplayClock, choose, read_epoch, sample_table)
 
 
 class ReinforcedImageField(Field):
@@ -81,7 +82,9 @@ class ReinforcedImageDecoder(Operation):
     size differs from the recipe's. With probability ``1 - clock.p`` a sample
     gets a fresh augmentation from the same kernels instead, drawn as the
     stored ones were (the recipe's scale, ratio, RandAugment magnitude and
-    erasing probability).
+    erasing probability). So does a sample whose record or top-k
+    :func:`ffcv_dr.rules.sample_problem` finds damaged; the clock, bound to
+    the file, keeps count.
     """
 
     def __init__(self, output_size: Optional[Tuple[int, int]] = None,
@@ -113,19 +116,28 @@ class ReinforcedImageDecoder(Operation):
                              f'loaded, not p={self.clock.p}')
         layout = render_layout(recipe)
         fresh = fresh_settings(recipe)
-        num_samples = np.int64(recipe.num_samples)
+        limits = magnitude_limits(recipe)
+        num_samples, topk, num_classes = (np.int64(v) for v in
+                                          (recipe.num_samples, recipe.topk, recipe.num_classes))
         seed, p, address = self.clock.constants
+        table_address, rows = self.clock.table
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
             epoch = read_epoch(address)
+            table = sample_table(table_address, rows)
             for dst_ix in my_range(len(batch_indices)):
                 index = batch_indices[dst_ix]
                 meta = metadata[index]
                 block = mem_read(meta['data_ptr'], storage_state)
                 j = choose(seed, epoch, index, num_samples, p)
+                if j >= 0 and sample_problem(block, mem_read(np.uint64(table[index, TARGET_PTR]), storage_state),
+                                             j, layout, limits, topk, num_classes, index,
+                                             table[:, ORIG_H:ORIG_W + 1]):
+                    table[index, DAMAGED] = 1
+                    j = -1  # a damaged record: a fresh augmentation, as the target decoder agrees
                 pair = pair_index(block, j, layout)
                 pair_meta, pair_block = meta, block
                 if pair >= 0:

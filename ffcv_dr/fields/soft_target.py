@@ -13,12 +13,12 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 
-from ..format import TARGET_METADATA, Recipe, block_crc, topk_block_size, topk_dtype
+from ..format import HALF_TO_FLOAT, TARGET_METADATA, Recipe, block_crc, topk_block_size, topk_dtype
 from ..geometry import read_u16
-from ..schedule import ReplayClock, choose, read_epoch
-
-# float16 -> float32 for every bit pattern: numba has no float16 on the CPU.
-HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+from ..rules import magnitude_limits, sample_problem
+from ..schedule import (DAMAGED, IMAGE_PTR, ORIG_H, ORIG_W, ReplayClock, choose, read_epoch,
+                        sample_table)
+from .reinforced_image import render_layout
 
 DENSIFY = ('smooth', 'zeros')
 
@@ -66,12 +66,12 @@ class SoftTargetField(Field):
 def densify(rec, topk, out, mode_zeros):
     """ml-dr's densify: 'smooth' spreads the missing mass over the other classes;
     'zeros' (or a top-k summing above 1) puts softmax(top-k) on the top-k, as
-    ml-dr's ``densify`` does."""
+    ml-dr's ``densify`` does. The record must pass :func:`rules.topk_problem`."""
+    num_classes = out.shape[0]
     total = 0.0
     for t in range(topk):
         total += HALF_TO_FLOAT[read_u16(rec, 2 * t)]
     rest = 1.0 - total
-    num_classes = out.shape[0]
     if mode_zeros or rest < 0.0:
         out[:] = 0.0
         norm = 0.0
@@ -80,17 +80,25 @@ def densify(rec, topk, out, mode_zeros):
         for t in range(topk):
             out[read_u16(rec, 2 * (topk + t))] = math.exp(HALF_TO_FLOAT[read_u16(rec, 2 * t)]) / norm
     else:
-        out[:] = rest / (num_classes - topk)
+        out[:] = rest / max(num_classes - topk, 1)
         for t in range(topk):
             out[read_u16(rec, 2 * (topk + t))] = HALF_TO_FLOAT[read_u16(rec, 2 * t)]
+
+
+@nb.njit(nogil=True, fastmath=False, cache=True)
+def one_hot(out, label):
+    out[:] = 0.0
+    if label < out.shape[0]:  # rules refuse a file with such labels; never write outside out
+        out[label] = 1.0
 
 
 class SoftTargetDecoder(Operation):
     """Dense float32 soft targets (num_classes,) of the replayed reinforcement.
 
     Uses the same :class:`ReplayClock` as the image decoder, so both pick the
-    same reinforcement; fresh samples (probability ``1 - clock.p``) get the
-    one-hot ground-truth label.
+    same reinforcement; fresh samples (probability ``1 - clock.p``), and
+    samples whose record or top-k :func:`ffcv_dr.rules.sample_problem` finds
+    damaged, get the one-hot ground-truth label.
     """
 
     def __init__(self, clock: Optional[ReplayClock] = None, densify: str = 'smooth'):
@@ -110,23 +118,32 @@ class SoftTargetDecoder(Operation):
         rec_size = topk_dtype(recipe).itemsize
         num_samples, topk = np.int64(recipe.num_samples), np.int64(recipe.topk)
         seed, p, address = self.clock.constants
+        table_address, rows = self.clock.table
+        layout, limits = render_layout(recipe), magnitude_limits(recipe)
+        num_classes = np.int64(recipe.num_classes)
         mode_zeros = self.densify == 'zeros'
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
 
         def decode(batch_indices, destination, metadata, storage_state):
             epoch = read_epoch(address)
+            table = sample_table(table_address, rows)
             for dst_ix in my_range(len(batch_indices)):
                 index = batch_indices[dst_ix]
                 field = metadata[index]
                 out = destination[dst_ix]
                 j = choose(seed, epoch, index, num_samples, p)
-                if j < 0:
-                    out[:] = 0.0
-                    out[field['label']] = 1.0
-                else:
+                if j >= 0:
                     block = mem_read(field['data_ptr'], storage_state)
-                    densify(block[j * rec_size:(j + 1) * rec_size], topk, out, mode_zeros)
+                    if sample_problem(mem_read(np.uint64(table[index, IMAGE_PTR]), storage_state), block,
+                                      j, layout, limits, topk, num_classes, index,
+                                      table[:, ORIG_H:ORIG_W + 1]):
+                        table[index, DAMAGED] = 1
+                        j = -1  # a damaged record: the label, as the image decoder agrees
+                    else:
+                        densify(block[j * rec_size:(j + 1) * rec_size], topk, out, mode_zeros)
+                if j < 0:
+                    one_hot(out, field['label'])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -148,14 +165,27 @@ class ReinforcementIndexDecoder(Operation):
                 AllocationQuery((1,), np.dtype('<i8')))
 
     def generate_code(self) -> Callable:
-        num_samples = np.int64(self.field.recipe.num_samples)
+        recipe = self.field.recipe
+        num_samples, topk, num_classes = (np.int64(v) for v in
+                                          (recipe.num_samples, recipe.topk, recipe.num_classes))
         seed, p, address = self.clock.constants
+        table_address, rows = self.clock.table
+        layout, limits = render_layout(recipe), magnitude_limits(recipe)
+        mem_read = self.memory_read
         my_range = Compiler.get_iterator()
 
         def decode(batch_indices, destination, metadata, storage_state):
             epoch = read_epoch(address)
+            table = sample_table(table_address, rows)
             for dst_ix in my_range(len(batch_indices)):
-                destination[dst_ix, 0] = choose(seed, epoch, batch_indices[dst_ix], num_samples, p)
+                index = batch_indices[dst_ix]
+                j = choose(seed, epoch, index, num_samples, p)
+                if j >= 0 and sample_problem(mem_read(np.uint64(table[index, IMAGE_PTR]), storage_state),
+                                             mem_read(metadata[index]['data_ptr'], storage_state),
+                                             j, layout, limits, topk, num_classes, index,
+                                             table[:, ORIG_H:ORIG_W + 1]):
+                    j = -1
+                destination[dst_ix, 0] = j
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

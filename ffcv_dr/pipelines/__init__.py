@@ -12,6 +12,7 @@ from ffcv.loader import OrderOption
 from ffcv.pipeline import PipelineSpec
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
+from ..beton import BetonFile
 from ..fields import (CUSTOM_FIELDS, ReinforcedImageDecoder, ReinforcementIndexDecoder,
                       SoftTargetDecoder)
 from ..schedule import ReplayClock
@@ -43,7 +44,7 @@ def train_pipelines(clock: ReplayClock, output_size: Optional[Tuple[int, int]] =
                     dtype=np.float16) -> dict:
     """``pipelines`` for ``ffcv.Loader`` (with ``custom_fields=CUSTOM_FIELDS``):
     images as :func:`image_stages` gives them, float32 soft targets (and labels)
-    on ``device``."""
+    on ``device``. ``clock`` must be bound to the file (``clock.bind(BetonFile(path))``)."""
     to_device = [] if device is None else [ToDevice(torch.device(device), non_blocking=True)]
     pipelines = {'image': [ReinforcedImageDecoder(output_size, clock),
                            *image_stages(device, mean, std, dtype)],
@@ -79,6 +80,7 @@ class Loader(ffcv.loader.Loader):
                  os_cache: bool = True, drop_last: bool = True, batches_ahead: int = 3,
                  dtype=np.float16):
         self.clock = ReplayClock(seed, p)
+        self.clock.bind(BetonFile(fname))  # refuses, naming the file, sample and field, a bad file
         pipelines = train_pipelines(self.clock, output_size, device, densify, labels,
                                     reinforcement_index, dtype=dtype)
         self.image_decoder = pipelines['image'][0]
@@ -91,6 +93,7 @@ class Loader(ffcv.loader.Loader):
             raise ValueError(f'{fname}: {e}') from None
 
     def __iter__(self):
+        self.clock.report_damaged()  # what the epochs before found
         self.clock.set_epoch(self.next_epoch)
         return super().__iter__()
 
