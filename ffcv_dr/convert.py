@@ -28,11 +28,13 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .fields import ReinforcedImageField, SoftTargetField
+from .fields.reinforced_image import render_layout
 from .format import HAS_PAIR, bytes_per_reinforcement, reinforcement_dtype, topk_dtype
 from .jpeg import check_jpeg, jpeg_header
 from .mldr import (CONFIG_NAME, ImageSizes, MldrDirectory, MldrError, check_indices,
                    member_index, iter_tar, load_pickle, parse_file, recipe_from_config)
 from .mldr_pickle import compile_here
+from .rules import describe, first_problem, magnitude_limits
 from .storage import Storage, stored_image
 
 
@@ -164,6 +166,7 @@ class TarSource:
             os.path.join(scratch, 'topk.npy'), 'w+', topk_dtype(self.recipe),
             (num_images, self.recipe.num_samples))
         seen = np.zeros(num_images, bool)
+        self.names = {}
 
         def members():
             for name, data in iter_tar(path):
@@ -176,6 +179,7 @@ class TarSource:
                 if seen[index]:
                     raise MldrError(f'{where}: index {index} appears twice in the archive')
                 seen[index] = True
+                self.names[index] = where
                 yield where, data, index
 
         with mp.get_context('fork').Pool(workers, _init_parse, (self.recipe, sizes)) as pool, \
@@ -193,6 +197,9 @@ class TarSource:
     def get(self, index):
         return self.records[index], self.topk[index]
 
+    def name(self, index):
+        return self.names[index]
+
 
 class DirectorySource:
     """An ml-dr ``reinforced_data`` directory, read by index in the writer workers."""
@@ -207,6 +214,9 @@ class DirectorySource:
     def get(self, index):
         data, name = self.directory.read(index)
         return parse_file(data, index, self.recipe, self.sizes, name)
+
+    def name(self, index):
+        return self.directory.name(index)
 
 
 class _Samples:
@@ -224,6 +234,10 @@ class _Samples:
             self.position[images.indices] = np.arange(len(images.indices))
         self.placeholder = (np.zeros(recipe.num_samples, reinforcement_dtype(recipe)),
                             np.zeros(recipe.num_samples, topk_dtype(recipe)))
+        # the rules every written record must pass, with the crops' pixel space by position
+        self.rules = (render_layout(recipe), magnitude_limits(recipe), np.int64(recipe.topk),
+                      np.int64(recipe.num_classes),
+                      np.array([(p[1], p[0]) for p in probes], np.int64).reshape(-1, 2))
 
     def __len__(self):
         return len(self.images.paths)
@@ -231,6 +245,16 @@ class _Samples:
     def fail(self, message: str):
         with open(self.error_path, 'a') as f:
             f.write(message.replace('\n', ' ') + '\n')
+
+    def check(self, i, records, topk):
+        """Refuse what the loader would not replay (:mod:`ffcv_dr.rules`), naming the source."""
+        layout, limits, k, num_classes, orig_sizes = self.rules
+        problem, j = first_problem(np.ascontiguousarray(records).view(np.uint8).reshape(-1),
+                                   np.ascontiguousarray(topk).view(np.uint8).reshape(-1), layout,
+                                   limits, k, num_classes, i, orig_sizes, len(records))
+        if problem:
+            raise MldrError(f'{self.source.name(int(self.images.indices[i]))} (reinforcement {j}): '
+                            f'{describe(problem, self.source.recipe)}')
 
     def __getitem__(self, i):
         label = int(self.images.labels[i])
@@ -241,6 +265,7 @@ class _Samples:
                     records = records.copy()
                     paired = (records['mix_flags'] & HAS_PAIR) != 0
                     records['pair'][paired] = self.position[records['pair'][paired]]
+                self.check(i, records, topk)
                 width, height, passthrough = self.probes[i]
                 payload, w, h, mode = stored_image(self.images.paths[i], int(self.images.indices[i]),
                                                    width, height, passthrough, self.storage)

@@ -22,7 +22,7 @@ import numpy as np
 
 from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
                      RA_OPS, Recipe, reinforcement_dtype, topk_dtype)
-from .mldr_checks import store_views, topk_problem
+from .mldr_checks import store_views, topk_unfit
 from .mldr_pickle import read_views
 
 SAMPLE_NAME = re.compile(r'(?:^|/)(\d+)\.pth\.tar$')
@@ -202,29 +202,25 @@ def _view_arrays(views, rows, recipe, name) -> Views:
     return Views(crops, flips, has_ra, ra, has_re, erase)
 
 
-def _store_views(records, rows, prefix, v: Views, img_h, img_w, recipe, name):
-    """Check the views of the reinforcements in ``rows`` against the recipe and
-    the image sizes (``img_h``/``img_w``: of the image each view crops) and
-    store them."""
-    n = len(rows)
+def _store_views(records, rows, prefix, v: Views, recipe, name):
+    """Store the views of the reinforcements in ``rows``, each value checked to
+    fit its field (whether it makes sense is :mod:`ffcv_dr.rules`')."""
     if v.has_ra.any() and not recipe.ra_ops:
         raise MldrError(f'{name} (reinforcement {_first(v.has_ra, rows)}): RandAugment parameters '
                         'in a recipe without RandAugment')
     if v.has_re.any() and not recipe.erase:
         raise MldrError(f'{name} (reinforcement {_first(v.has_re, rows)}): RandomErasing box in a '
                         'recipe without erasing')
-    heights, widths = np.empty(n, np.int64), np.empty(n, np.int64)
-    heights[:], widths[:] = img_h, img_w  # one size, or one per view
     none = np.zeros((0, 0), np.uint8)
     field = lambda f, on: records[prefix + f] if on else none  # noqa: E731
     problem, k = store_views(np.asarray(rows, np.int64), v.crops, v.flips, v.has_ra, v.ra, v.has_re,
-                             v.erase, heights, widths, len(RA_OPS), recipe.size,
+                             v.erase, 255 if recipe.size <= 255 else 65535,
                              records[prefix + 'crop'], records[prefix + 'flags'],
                              field('ra_op', recipe.ra_ops), field('ra_mag', recipe.ra_ops),
                              field('erase', recipe.erase), FLIP, HAS_RA, HAS_ERASE)
     if problem == 1:
         raise MldrError(f'{name} (reinforcement {rows[k]}): RandomResizedCrop box {tuple(v.crops[k])} lies '
-                        f'outside the {widths[k]}x{heights[k]} image')
+                        'outside its image')
     if problem == 2:
         raise MldrError(f'{name} (reinforcement {rows[k]}): bad RandAugment op '
                         f'(op id 0..{len(RA_OPS) - 1}, finite magnitude)')
@@ -233,30 +229,28 @@ def _store_views(records, rows, prefix, v: Views, img_h, img_w, recipe, name):
                         f'lies outside the {recipe.size}x{recipe.size} output')
 
 
-def _fill_views(records, rows, prefix, views, img_h, img_w, recipe, name):
+def _fill_views(records, rows, prefix, views, recipe, name):
     rows = np.asarray(rows)
     if len(rows):
-        _store_views(records, rows, prefix, _view_arrays(views, rows, recipe, name),
-                     img_h, img_w, recipe, name)
+        _store_views(records, rows, prefix, _view_arrays(views, rows, recipe, name), recipe, name)
 
 
-def _fill_mixing(records, params, recipe, index, sizes: ImageSizes, name):
+def _fill_mixing(records, params, recipe, sizes: ImageSizes, name):
     rows = np.arange(len(params))
     for j, p in enumerate(params):
         if len(p) != 7:
             raise MldrError(f'{name} (reinforcement {j}): mixing params must have 7 entries, got {len(p)}')
-    own_h, own_w = int(sizes.heights[index]), int(sizes.widths[index])
     paired = np.array([p[0] is not None for p in params], bool)
-    _fill_views(records, rows[~paired], '', [p[1:5] for p in params if p[0] is None],
-                own_h, own_w, recipe, name)
+    _fill_views(records, rows[~paired], '', [p[1:5] for p in params if p[0] is None], recipe, name)
     if paired.any():
         pairs = _numbers([p[0] for p in params if p[0] is not None], (int(paired.sum()),), 'iu',
                          'the paired image index must be an integer', name, rows[paired])
-        bad = (pairs < 0) | (pairs >= len(sizes.widths))
+        bad = (pairs < 0) | (pairs >= 1 << 32)
         if bad.any():
-            raise MldrError(f'{name} (reinforcement {_first(bad, rows[paired])}): paired image index is '
-                            f'outside 0..{len(sizes.widths) - 1}')
-        bad = sizes.widths[pairs] == 0
+            raise MldrError(f'{name} (reinforcement {_first(bad, rows[paired])}): paired image index '
+                            f'{pairs[bad][0]} does not fit 32 bits')
+        bad = sizes.widths[np.minimum(pairs, len(sizes.widths) - 1)] == 0  # indices past the end: rules
+        bad &= pairs < len(sizes.widths)
         if bad.any():
             raise MldrError(f'{name} (reinforcement {_first(bad, rows[paired])}): mixes with image '
                             f'{pairs[bad][0]}, which was skipped as unreadable')
@@ -265,17 +259,15 @@ def _fill_mixing(records, params, recipe, index, sizes: ImageSizes, name):
             if not all(isinstance(x, (list, tuple)) and len(x) == 2 for x in v):
                 raise MldrError(f'{name} (reinforcement {j}): with a paired image each of rrc, flip, '
                                 'ra, re must be a pair')
-        _fill_views(records, rows[paired], '', [tuple(x[0] for x in v) for v in views],
-                    own_h, own_w, recipe, name)
-        _fill_views(records, rows[paired], 'pair_', [tuple(x[1] for x in v) for v in views],
-                    sizes.heights[pairs], sizes.widths[pairs], recipe, name)
+        _fill_views(records, rows[paired], '', [tuple(x[0] for x in v) for v in views], recipe, name)
+        _fill_views(records, rows[paired], 'pair_', [tuple(x[1] for x in v) for v in views], recipe, name)
         records['pair'][rows[paired]] = pairs
     for j, (pair, *_, mixup, cutmix) in enumerate(params):
         rec = records[j]
         mix_flags = HAS_PAIR if pair is not None else 0
         if mixup is not None:
-            if not _finite(mixup) or not 0.0 <= float(mixup) <= 1.0:
-                raise MldrError(f'{name} (reinforcement {j}): MixUp lambda must be in [0, 1], got {mixup!r}')
+            if not _finite(mixup):
+                raise MldrError(f'{name} (reinforcement {j}): MixUp lambda must be a number, got {mixup!r}')
             rec['mixup_lam'] = float(mixup)
             mix_flags |= HAS_MIXUP
         if cutmix is not None:
@@ -284,14 +276,12 @@ def _fill_mixing(records, params, recipe, index, sizes: ImageSizes, name):
                 raise MldrError(f'{name} (reinforcement {j}): CutMix must be [lam, r1, c1, r2, c2], '
                                 f'got {cutmix!r}')
             r1, c1, r2, c2 = (int(v) for v in cutmix[1:])
-            if not (0 <= r1 <= r2 <= recipe.size and 0 <= c1 <= c2 <= recipe.size):
+            if not all(0 <= v <= 65535 for v in (r1, c1, r2, c2)):
                 raise MldrError(f'{name} (reinforcement {j}): CutMix box {cutmix[1:]!r} lies outside '
                                 f'the {recipe.size}px output')
             rec['cutmix_lam'] = float(cutmix[0])
             rec['cutmix_box'] = (r1, c1, r2, c2)
             mix_flags |= HAS_CUTMIX
-        if mix_flags & (HAS_MIXUP | HAS_CUTMIX) and not mix_flags & HAS_PAIR:
-            raise MldrError(f'{name} (reinforcement {j}): MixUp/CutMix parameters without a paired image')
         rec['mix_flags'] = mix_flags
 
 
@@ -309,7 +299,7 @@ def parse_file(data: bytes, expected_index: int, recipe: Recipe, sizes: ImageSiz
     _check_header(index, len(crops), expected_index, recipe, name)
     records = np.zeros(recipe.num_samples, reinforcement_dtype(recipe))
     _store_views(records, np.arange(len(crops)), '', Views(crops, flips, has_ra, ra, has_re, erase),
-                 int(sizes.heights[expected_index]), int(sizes.widths[expected_index]), recipe, name)
+                 recipe, name)
     return records, _store_topk(values, ids, recipe, name)
 
 
@@ -340,10 +330,9 @@ def parse_sample(obj, expected_index: int, recipe: Recipe, sizes: ImageSizes, na
         probs.append((values, ids))
     records = np.zeros(recipe.num_samples, reinforcement_dtype(recipe))
     if recipe.mixing:
-        _fill_mixing(records, params, recipe, expected_index, sizes, name)
+        _fill_mixing(records, params, recipe, sizes, name)
     else:
-        _fill_views(records, np.arange(len(params)), '', params, int(sizes.heights[expected_index]),
-                    int(sizes.widths[expected_index]), recipe, name)
+        _fill_views(records, np.arange(len(params)), '', params, recipe, name)
     k, n, rows = recipe.topk, len(probs), np.arange(len(probs))
     values = _numbers([p[0] for p in probs], (n, k), 'fiu',
                       f'expected {k} probabilities (finite numbers)', name, rows).astype(np.float64)
@@ -353,13 +342,12 @@ def parse_sample(obj, expected_index: int, recipe: Recipe, sizes: ImageSizes, na
 
 
 def _store_topk(values, ids, recipe, name):
-    """Check the teacher's top-k of each reinforcement; return them as top-k records."""
-    problem, j = topk_problem(values, ids, recipe.num_classes)
+    """The teacher's top-k of each reinforcement as top-k records, each value
+    checked to fit its field (whether they make sense is :mod:`ffcv_dr.rules`')."""
+    problem, j = topk_unfit(values, ids)
     if problem:
         what = {1: 'probabilities must be finite numbers',
-                2: 'probabilities must lie in [0, 1] and sum to at most 1',
-                3: f'class ids must be integers in 0..{recipe.num_classes - 1}',
-                4: 'class ids repeat'}[problem]
+                3: f'class ids must be integers in 0..{recipe.num_classes - 1}'}[problem]
         raise MldrError(f'{name} (reinforcement {j}): {what}, got '
                         f'{(values if problem < 3 else ids)[j].tolist()!r}')
     topk = np.zeros(len(values), topk_dtype(recipe))
@@ -390,9 +378,12 @@ class MldrDirectory:
                 found.add(i)
         check_indices(found, num_images, path)
 
+    def name(self, index: int) -> str:
+        return os.path.join(self.path, f'{index}.pth.tar')
+
     def read(self, index: int):
         """(bytes, path) of image ``index``'s file."""
-        name = os.path.join(self.path, f'{index}.pth.tar')
+        name = self.name(index)
         with open(name, 'rb') as f:
             return f.read(), name
 

@@ -211,6 +211,9 @@ class ChunkSource:
         n = self.recipe.num_samples
         return self._loaded[1][k * n:(k + 1) * n], self._loaded[2][k * n:(k + 1) * n]
 
+    def name(self, index):
+        return os.path.join(self.parts, f'chunk_{index // self.chunk:06d}.npz')
+
 
 class _NoReinforcements:
     """What ``write_beton`` stores for a file of images and labels only."""
@@ -221,6 +224,9 @@ class _NoReinforcements:
 
     def get(self, index):
         return self.empty
+
+    def name(self, index):
+        return f'image {index}'
 
 
 def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet_lite0',

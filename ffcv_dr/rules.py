@@ -96,9 +96,25 @@ def _block_sizes(f, ptrs) -> tuple:
 # What the compiled checks below return: 0, or the first problem found.
 PROBLEMS = ('', 'crop box', 'flags', 'RandAugment op', 'RandAugment magnitude', 'erase box',
             'mixing flags', 'paired image index', 'MixUp lambda', 'CutMix box',
-            'top-k probabilities', 'top-k class ids')
+            'top-k probabilities', 'top-k class ids', 'top-k class ids')
 (CROP, FLAGS, RA_OP, RA_MAGNITUDE, ERASE, MIX_FLAGS, PAIR, MIXUP, CUTMIX, TOPK_PROB,
- TOPK_CLASS) = range(1, len(PROBLEMS))
+ TOPK_CLASS, TOPK_REPEAT) = range(1, len(PROBLEMS))
+
+
+def describe(problem: int, recipe) -> str:
+    """What rule a record broke, for the error that names its file."""
+    return {CROP: 'RandomResizedCrop box lies outside its image',
+            FLAGS: 'unknown flag bits',
+            RA_OP: 'bad RandAugment op (op id 0..13)',
+            RA_MAGNITUDE: 'RandAugment magnitude beyond what RandAugment can draw at any magnitude',
+            ERASE: f'RandomErasing box lies outside the {recipe.size}x{recipe.size} output',
+            MIX_FLAGS: 'MixUp/CutMix parameters without a paired image',
+            PAIR: 'paired image index lies outside the dataset',
+            MIXUP: 'MixUp lambda must be in [0, 1]',
+            CUTMIX: f'CutMix needs a lambda in [0, 1] and a box inside the {recipe.size}px output',
+            TOPK_PROB: 'probabilities must lie in [0, 1] and sum to at most 1',
+            TOPK_CLASS: f'class ids must be integers in 0..{recipe.num_classes - 1}',
+            TOPK_REPEAT: 'class ids repeat'}[problem]
 
 
 def magnitude_limits(recipe) -> np.ndarray:
@@ -183,8 +199,8 @@ def record_problem(rec, layout, limits, index, orig_sizes):
 def topk_problem(rec, topk, num_classes):
     """0, or what is wrong with a top-k record (k float16 probabilities, then
     k uint16 class ids): probabilities not finite, outside [0, 1] or summing
-    above 1 (+1e-3 for float16 rounding); class ids not below num_classes, or
-    repeated."""
+    above 1 (+1e-3 for float16 rounding); class ids not below num_classes;
+    repeated class ids."""
     if rec.size < 4 * topk:
         return TOPK_PROB
     total = 0.0
@@ -201,7 +217,7 @@ def topk_problem(rec, topk, num_classes):
             return TOPK_CLASS
         for u in range(t):
             if read_u16(rec, 2 * (topk + u)) == c:
-                return TOPK_CLASS
+                return TOPK_REPEAT
     return 0
 
 
@@ -215,6 +231,18 @@ def sample_problem(params, topk_block, j, layout, limits, topk, num_classes, ind
     if problem:
         return problem
     return topk_problem(topk_block[j * ts:(j + 1) * ts], topk, num_classes)
+
+
+@nb.njit(cache=True, nogil=True)
+def first_problem(params, topk_block, layout, limits, topk, num_classes, index, orig_sizes, num_samples):
+    """(problem, j) of the first reinforcement of one image that breaks a rule;
+    (0, -1) when none does: what convert and reinforce write must pass."""
+    for j in range(num_samples):
+        problem = sample_problem(params, topk_block, j, layout, limits, topk, num_classes, index,
+                                 orig_sizes)
+        if problem:
+            return problem, j
+    return 0, -1
 
 
 @nb.njit(cache=True, nogil=True)
