@@ -10,7 +10,7 @@ from ffcv.reader import Reader
 from .fields import CUSTOM_FIELDS, ReinforcedImageField, SoftTargetField
 from .fields.reinforced_image import (fresh_settings, pair_index, render, render_layout,
                                      temp_size)
-from .rules import PROBLEMS, file_problems, magnitude_limits, sample_problem
+from .rules import PROBLEMS, file_problems, header_problem, magnitude_limits, sample_problem
 from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, RA_OPS,
                      reinforcement_dtype, topk_dtype)
 
@@ -25,9 +25,12 @@ class BetonFile:
         self.path = path
         if not os.path.isfile(path):
             raise ValueError(f'{path}: no such file')
+        problem = header_problem(path)
+        if problem:
+            raise ValueError(f'{path}: {problem}')
         try:
             self.reader = Reader(path, CUSTOM_FIELDS)
-        except (AssertionError, ValueError, OSError, IndexError, TypeError, KeyError) as e:
+        except (AssertionError, ValueError, OSError, IndexError, TypeError, KeyError, MemoryError) as e:
             raise ValueError(f'{path}: not a readable ffcv-dr .beton ({type(e).__name__}: {e})') from None
         handlers = self.reader.handlers
         if not (isinstance(handlers.get('image'), ReinforcedImageField)

@@ -22,6 +22,23 @@ from .format import (FLIP, HALF_TO_FLOAT, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_
 from .geometry import read_u16
 
 
+def header_problem(path: str):
+    """What is wrong with FFCV's header of ``path`` before FFCV's Reader trusts
+    it (it allocates the metadata table the header claims), or None."""
+    from ffcv.types import CURRENT_VERSION, FieldDescType, HeaderType
+    size = os.path.getsize(path)
+    if size < HeaderType.itemsize:
+        return f'{size} bytes: too short for an FFCV header'
+    header = np.fromfile(path, HeaderType, count=1)[0]
+    if header['version'] != CURRENT_VERSION:
+        return f'FFCV file format {header["version"]}, not {CURRENT_VERSION}: not an FFCV .beton'
+    tables = HeaderType.itemsize + int(header['num_fields']) * FieldDescType.itemsize
+    if tables + int(header['num_samples']) > size or not header['alloc_table_ptr'] < size:
+        return (f'the header claims {header["num_samples"]} samples in {header["num_fields"]} fields, '
+                f'more than {size} bytes can hold: the file is truncated or damaged')
+    return None
+
+
 def file_problems(f) -> tuple:
     """(problems, unsound) for an opened :class:`~ffcv_dr.beton.BetonFile`:
     (kind, message) of everything wrong with its structure, each naming its

@@ -48,14 +48,17 @@ class Report:
     images: int = 0
     problems: Counter = field(default_factory=Counter)   # kind -> count
     examples: list = field(default_factory=list)         # the first messages
+    samples: set = field(default_factory=set)            # the samples found wrong
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
-    def add(self, kind: str, message: str, limit: int = 20):
+    def add(self, kind: str, message: str, sample: int = None, limit: int = 20):
         self.problems[kind] += 1
+        if sample is not None:
+            self.samples.add(sample)
         if len(self.examples) < limit:
             self.examples.append(message)
 
@@ -90,8 +93,8 @@ def verify(path: str, workers: int = None) -> Report:
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
         for problems in pool.map(lambda lo: _check_chunk(f, lo, min(lo + CHUNK, n), unsound, orig_sizes),
                                  range(0, n, CHUNK)):
-            for kind, message in problems:
-                report.add(kind, f'{path}: {message}')
+            for kind, message, sample in problems:
+                report.add(kind, f'{path}: {message}', sample)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -109,20 +112,20 @@ def _check_chunk(f: BetonFile, lo: int, hi: int, unsound, orig_sizes) -> list:
         block, top = f.block(im['data_ptr']), f.block(tg['data_ptr'])
         if block_crc(im, block) != im['crc32']:
             problems.append(('image checksum', f'image {i}: CRC32 mismatch in its image, '
-                                               'reinforcement records or metadata'))
+                                               'reinforcement records or metadata', i))
             continue
         if block_crc(tg, top) != tg['crc32']:
             problems.append(('target checksum', f'image {i}: CRC32 mismatch in its top-k records '
-                                                'or label'))
+                                                'or label', i))
             continue
         if im['mode'] == STORED_JPEG:  # raw pixels: rules checked their size
             problem, w, h = check_jpeg(block[f.params_size:])
             if problem or (w, h) != (im['width'], im['height']):
                 problems.append(('jpeg', f'image {i}: {problem or f"JPEG is {w}x{h}, metadata says "}'
-                                         + ('' if problem else f'{im["width"]}x{im["height"]}')))
+                                         + ('' if problem else f'{im["width"]}x{im["height"]}'), i))
         image_problems(block, top, layout, limits, r.topk, r.num_classes, i, orig_sizes, found)
         for code in np.unique(found[found > 0]):
             j = int(np.flatnonzero(found == code)[0])
             problems.append((PROBLEMS[code], f'image {i} (reinforcement {j}): {PROBLEMS[code]} '
-                                             'out of bounds'))
+                                             'out of bounds', i))
     return problems

@@ -1,0 +1,322 @@
+"""Mutations of a valid ffcv-dr file, and a child process that opens and loads
+them: what tests/test_fuzz.py runs in CI, and a longer random sweep:
+
+    .venv/bin/python tests/fuzz.py FILE.beton --random 2000 [--seed 0]
+
+Each job runs in a child process, so a crash (a signal) or a hang is seen by
+the parent, which names the mutation. A job passes when the file is refused
+with a ValueError naming it, or when it opens and loads with finite,
+normalised soft targets.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _layout(path):
+    """Byte offsets of what a mutation can touch, from FFCV's own types."""
+    from ffcv.types import FieldDescType, HeaderType
+    from ffcv_dr.beton import BetonFile
+    f = BetonFile(path)
+    names = f.reader.field_names
+    meta_start = HeaderType.itemsize + f.reader.field_descriptors.nbytes
+    return f, names, meta_start, FieldDescType, HeaderType
+
+
+def _values(dtype, rng):
+    """Boundary values for a field of ``dtype``, as raw bytes: 0, 1, max, max+1
+    (which wraps to 0 only when not representable, so: max - 1), negative
+    (two's complement), NaN/inf for floats, random bytes."""
+    dt = np.dtype(dtype)
+    out = {}
+    if dt.kind == 'f':
+        for name, v in [('0', 0.0), ('-1', -1.0), ('nan', np.nan), ('inf', np.inf), ('huge', 1e38),
+                        ('tiny', 1e-30)]:
+            out[name] = np.array(v, dt).tobytes()
+    else:
+        info = np.iinfo(dt)
+        for name, v in [('0', 0), ('1', 1), ('max', info.max), ('max-1', info.max - 1),
+                        ('negative', -1 if info.min < 0 else info.max // 2 + 1)]:
+            out[name] = np.array(v).astype(dt).tobytes()
+    out['random'] = rng.integers(0, 256, dt.itemsize, dtype=np.uint8).tobytes()
+    return out
+
+
+def structure_mutations(path, rng) -> list:
+    """(name, offset, bytes, fix_recipe_crc) for every header field, every
+    recipe field of both field descriptors (with the recipe's CRC recomputed
+    and not), the descriptors' type ids, and every metadata column of a
+    sample, at boundary values."""
+    from ffcv_dr.format import RECIPE_DTYPE
+    f, names, meta_start, desc, header = _layout(path)
+    out = []
+    for field in header.names:
+        for v, raw in _values(header.fields[field][0], rng).items():
+            out.append((f'header.{field}={v}', header.fields[field][1], raw, None))
+    for k, name in enumerate(names):
+        base = header.itemsize + k * desc.itemsize
+        for v, raw in _values('u1', rng).items():
+            out.append((f'{name}.type_id={v}', base, raw, None))
+        if name not in ('image', 'target'):
+            continue
+        args = base + desc.fields['arguments'][1]
+        for field in RECIPE_DTYPE.names:
+            dt, at = RECIPE_DTYPE.fields[field][:2]
+            for v, raw in _values(dt.base, rng).items():
+                for fix in (False, True):
+                    if field == 'crc32' and fix:
+                        continue
+                    out.append((f'{name}.recipe.{field}={v}{" (CRC fixed)" if fix else ""}',
+                                args + at, raw, args if fix else None))
+    row = f.reader.metadata.dtype.itemsize
+    sample = len(f) // 2
+    for k, name in enumerate(names):
+        sub = f.reader.metadata.dtype.fields[f'f{k}']
+        for column in sub[0].names:
+            dt, at = sub[0].fields[column][:2]
+            for v, raw in _values(dt, rng).items():
+                out.append((f'{name}.metadata.{column}={v}', meta_start + sample * row + sub[1] + at,
+                            raw, None))
+    return out
+
+
+def record_mutations(path, rng) -> list:
+    """(name, sample, field, raw bytes, in the image or target block) for every
+    field of a reinforcement record and of a top-k record, at boundary values:
+    each is written into every reinforcement of one sample."""
+    from ffcv_dr.beton import BetonFile
+    f = BetonFile(path)
+    out = []
+    for dtype, where in ((f.record_dtype, 'image'), (f.topk_dtype, 'target')):
+        for field in dtype.names:
+            dt, at = dtype.fields[field][:2]
+            count = int(np.prod(dt.shape)) if dt.shape else 1
+            for element in range(count):
+                for v, raw in _values(dt.base, rng).items():
+                    out.append((f'{where} record.{field}[{element}]={v}', where,
+                                at + element * dt.base.itemsize, raw))
+    return out
+
+
+def write_structure(good, out, offset, raw, recipe_at):
+    """A copy of ``good`` with ``raw`` at ``offset`` (or, with ``offset`` a list
+    of (offset, raw) and ``raw`` None, each of them)."""
+    shutil.copy(good, out)
+    with open(out, 'r+b') as fh:
+        for at, data in (offset if raw is None else [(offset, raw)]):
+            fh.seek(at)
+            fh.write(data)
+        if recipe_at is not None:  # as a crafted file would: the recipe's CRC made to match
+            from ffcv_dr.format import RECIPE_DTYPE
+            fh.seek(recipe_at)
+            head = fh.read(RECIPE_DTYPE.fields['crc32'][1])
+            fh.write(np.uint32(zlib.crc32(head)).astype('<u4').tobytes())
+
+
+def write_records(good, out, mutations) -> dict:
+    """One file in which mutation k hits every reinforcement of sample k (the
+    block CRCs recomputed, so ``verify`` looks past them); {sample: name}."""
+    from ffcv_dr.beton import BetonFile
+    from ffcv_dr.format import block_crc
+    f = BetonFile(good)
+    shutil.copy(good, out)
+    hit = {}
+    with open(out, 'r+b') as fh:
+        for sample, (name, where, at, raw) in enumerate(mutations):
+            meta = (f.image_meta if where == 'image' else f.target_meta)[sample].copy()
+            block = np.array(f.block(meta['data_ptr']))
+            size = (f.record_dtype if where == 'image' else f.topk_dtype).itemsize
+            for j in range(f.recipe.num_samples):
+                block[j * size + at:j * size + at + len(raw)] = np.frombuffer(raw, np.uint8)
+            fh.seek(int(meta['data_ptr']))
+            fh.write(block.tobytes())
+            meta['crc32'] = block_crc(meta, block)
+            _, names, meta_start, _, _ = _layout(good)
+            column = f'f{names.index(where)}'
+            row = f.reader.metadata.dtype
+            fh.seek(meta_start + sample * row.itemsize + row.fields[column][1])
+            fh.write(meta.tobytes())
+            hit[sample] = name
+    return hit
+
+
+def child():
+    """Run jobs from stdin (JSON lines), one result line each. An 'open' job
+    writes its mutation of ``good`` to ``scratch`` first."""
+    import warnings
+    warnings.simplefilter('ignore')
+    for line in sys.stdin:
+        job = json.loads(line)
+        print('START', job['name'], flush=True)
+        path = job['path']
+        if job.get('mutation'):
+            at, raw, recipe_at = job['mutation']
+            write_structure(job['good'], path, at, bytes.fromhex(raw), recipe_at)
+        try:
+            result = {'status': 'ok', **(_load(path, job['p']) if job.get('p') is not None else _open(path))}
+        except ValueError as e:
+            result = {'status': 'refused', 'named': path in str(e), 'message': str(e)[:300]}
+        print('RESULT', json.dumps(result), flush=True)
+
+
+def _open(path):
+    from ffcv_dr.beton import BetonFile
+    BetonFile(path)
+    return {}
+
+
+def _load(path, p):
+    """Two epochs at ``p``; each damaged sample must get its one-hot label in
+    image and target alike (j = -1); then replay, describe and info on every
+    sample."""
+    import torch
+    from ffcv.loader import OrderOption
+    from ffcv_dr import Loader
+    from ffcv_dr.beton import BetonFile
+    from ffcv_dr.cli import main
+    f = BetonFile(path)
+    bad_targets, fallbacks = 0, set()
+    loader = Loader(path, batch_size=8, num_workers=2, order=OrderOption.SEQUENTIAL, p=p,
+                    drop_last=False, labels=True, reinforcement_index=True)
+    for _ in range(2):
+        start = 0
+        for images, targets, labels, js in loader:
+            ok = torch.isfinite(targets).all(1) & ((targets.sum(1) - 1).abs() < 2e-3) & (targets >= 0).all(1)
+            bad_targets += int((~ok).sum())
+            for k in torch.nonzero(js < 0).flatten().tolist():
+                fallbacks.add(start + k)
+                hot = torch.zeros_like(targets[k])
+                hot[labels[k]] = 1
+                bad_targets += int(not torch.equal(targets[k], hot))
+            start += len(images)
+    replay_refused = set()
+    for i in range(len(f)):
+        for j in range(f.recipe.num_samples):
+            f.describe(i, j)
+            try:
+                f.render(i, j)
+            except ValueError:
+                replay_refused.add(i)
+    with open(os.devnull, 'w') as null:
+        stdout, sys.stdout = sys.stdout, null
+        try:
+            main(['info', path])
+        finally:
+            sys.stdout = stdout
+    return {'bad_targets': bad_targets, 'fallbacks': sorted(fallbacks),
+            'damaged': sorted(loader.clock.damaged().tolist()), 'replay_refused': sorted(replay_refused)}
+
+
+def run_jobs(jobs, timeout) -> dict:
+    """{name: result} for jobs (dicts with a name, see :func:`child`), each in
+    a child process that is restarted after a crash; a crash or a hang is a
+    result too."""
+    results, todo = {}, list(jobs)
+    while todo:
+        proc = subprocess.Popen([sys.executable, __file__, '--child'], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=os.path.dirname(HERE))
+        feed = ''.join(json.dumps(job) + '\n' for job in todo)
+        try:
+            out, err = proc.communicate(feed, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        current = None
+        for line in out.splitlines():
+            if line.startswith('START '):
+                current = line[6:]
+            elif line.startswith('RESULT ') and current is not None:
+                results[current] = json.loads(line[7:])
+                current = None
+        if current is not None:  # died or hung inside this job
+            what = 'hang' if proc.returncode in (None, -9) else f'crash (exit {proc.returncode})'
+            results[current] = {'status': what, 'stderr': err[-2000:]}
+        elif proc.returncode:
+            raise RuntimeError(f'fuzz child failed outside any job: {err[-2000:]}')
+        todo = [job for job in todo if job['name'] not in results]
+    return results
+
+
+def sweep(good, folder, rng, count=None, loads=4) -> tuple:
+    """Every structure mutation (or ``count`` random ones) opened; the
+    metadata mutations that open merged into one file and ``loads`` of the
+    others that open loaded at p=0.5; every record mutation, merged into files
+    of one mutated sample each, loaded at p=1. Returns ({name: result},
+    {name of a record load: (its file, {sample: record mutation})})."""
+    os.makedirs(folder, exist_ok=True)
+    structure = structure_mutations(good, rng)
+    if count:
+        structure = [structure[k] for k in rng.integers(0, len(structure), count)]
+    scratch = os.path.join(folder, 'mutated.beton')
+    jobs = [{'name': name, 'path': scratch, 'good': good, 'mutation': [at, raw.hex(), recipe_at]}
+            for name, at, raw, recipe_at in structure]
+    size = os.path.getsize(good)
+    for cut in sorted({0, 1, 23, 24, 1000, size // 7, size // 3, size // 2, size - 4096, size - 1}):
+        path = os.path.join(folder, f'cut{cut}.beton')
+        with open(good, 'rb') as src, open(path, 'wb') as dst:
+            dst.write(src.read(cut))
+        jobs.append({'name': f'truncated at byte {cut}', 'path': path})
+    results = run_jobs(jobs, timeout=600)
+    opened = [m for m in structure if results[m[0]]['status'] == 'ok']
+    load_jobs = []
+    for k, (name, at, raw, recipe_at) in enumerate(m for m in opened if '.metadata.' not in m[0]):
+        if k < loads:
+            path = os.path.join(folder, f'opened{k}.beton')
+            write_structure(good, path, at, raw, recipe_at)
+            load_jobs.append({'name': f'load {name}', 'path': path, 'p': 0.5})
+    path = os.path.join(folder, 'metadata.beton')
+    shutil.copy(good, path)
+    f, names, meta_start, _, _ = _layout(good)
+    row, per_file = f.reader.metadata.dtype.itemsize, len(f)
+    with open(path, 'r+b') as fh:  # each on its own sample
+        for sample, (name, at, raw, _) in enumerate(m for m in opened if '.metadata.' in m[0]):
+            fh.seek(at + (sample % per_file - per_file // 2) * row)
+            fh.write(raw)
+    load_jobs.append({'name': 'load metadata changes that open', 'path': path, 'p': 0.5})
+    records = record_mutations(good, rng)
+    merged = {}
+    for k in range(0, len(records), per_file):
+        path = os.path.join(folder, f'records{k}.beton')
+        hits = write_records(good, path, records[k:k + per_file])
+        name = f'load records {k}..{k + len(hits) - 1}'
+        merged[name] = (path, hits)
+        load_jobs.append({'name': name, 'path': path, 'p': 1.0})
+    results.update(run_jobs(load_jobs, timeout=900))
+    return results, merged
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('beton', nargs='?')
+    parser.add_argument('--random', type=int, default=None, help='random structure mutations')
+    parser.add_argument('--loads', type=int, default=20, help='opened structure mutations to load')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child()
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        results, _ = sweep(args.beton, tmp, np.random.default_rng(args.seed), args.random, args.loads)
+    counts = {}
+    for name, r in results.items():
+        counts[r['status']] = counts.get(r['status'], 0) + 1
+        if r['status'] not in ('ok', 'refused') or r.get('bad_targets'):
+            print(f'{r["status"]}: {name}\n{r.get("stderr", "")}{r.get("bad_targets", "")}')
+    print(json.dumps(counts))
+
+
+if __name__ == '__main__':
+    sys.path.insert(0, os.path.dirname(HERE))
+    main()
