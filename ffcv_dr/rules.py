@@ -32,6 +32,9 @@ def header_problem(path: str):
     header = np.fromfile(path, HeaderType, count=1)[0]
     if header['version'] != CURRENT_VERSION:
         return f'FFCV file format {header["version"]}, not {CURRENT_VERSION}: not an FFCV .beton'
+    page = int(header['page_size'])
+    if page < 4096 or page & (page - 1):
+        return f'page size {page} is not a power of two of at least 4096: the file is damaged'
     tables = HeaderType.itemsize + int(header['num_fields']) * FieldDescType.itemsize
     if tables + int(header['num_samples']) > size or not header['alloc_table_ptr'] < size:
         return (f'the header claims {header["num_samples"]} samples in {header["num_fields"]} fields, '

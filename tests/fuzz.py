@@ -33,20 +33,22 @@ def _layout(path):
     return f, names, meta_start, FieldDescType, HeaderType
 
 
-def _values(dtype, rng):
-    """Boundary values for a field of ``dtype``, as raw bytes: 0, 1, max, max+1
-    (which wraps to 0 only when not representable, so: max - 1), negative
-    (two's complement), NaN/inf for floats, random bytes."""
+def _values(dtype, rng, short=False):
+    """Boundary values for a field of ``dtype``, as raw bytes: 0, max, the top
+    bit set (a negative number to a signed reader), NaN, inf and -1 for floats,
+    random bytes; unless ``short``, also 1, max - 1, 1e38 and 1e-30."""
     dt = np.dtype(dtype)
     out = {}
     if dt.kind == 'f':
-        for name, v in [('0', 0.0), ('-1', -1.0), ('nan', np.nan), ('inf', np.inf), ('huge', 1e38),
-                        ('tiny', 1e-30)]:
+        values = [('0', 0.0), ('-1', -1.0), ('nan', np.nan), ('inf', np.inf)]
+        values += [] if short else [('huge', 1e38), ('tiny', 1e-30)]
+        for name, v in values:
             out[name] = np.array(v, dt).tobytes()
     else:
         info = np.iinfo(dt)
-        for name, v in [('0', 0), ('1', 1), ('max', info.max), ('max-1', info.max - 1),
-                        ('negative', -1 if info.min < 0 else info.max // 2 + 1)]:
+        values = [('0', 0), ('max', info.max), ('top bit', info.max // 2 + 1)]
+        values += [] if short else [('1', 1), ('max-1', info.max - 1)]
+        for name, v in values:
             out[name] = np.array(v).astype(dt).tobytes()
     out['random'] = rng.integers(0, 256, dt.itemsize, dtype=np.uint8).tobytes()
     return out
@@ -82,8 +84,8 @@ def structure_mutations(path, rng) -> list:
     sample = len(f) // 2
     for k, name in enumerate(names):
         sub = f.reader.metadata.dtype.fields[f'f{k}']
-        for column in sub[0].names:
-            dt, at = sub[0].fields[column][:2]
+        columns = [(c, *sub[0].fields[c][:2]) for c in sub[0].names] if sub[0].names else [('value', sub[0], 0)]
+        for column, dt, at in columns:
             for v, raw in _values(dt, rng).items():
                 out.append((f'{name}.metadata.{column}={v}', meta_start + sample * row + sub[1] + at,
                             raw, None))
@@ -102,7 +104,7 @@ def record_mutations(path, rng) -> list:
             dt, at = dtype.fields[field][:2]
             count = int(np.prod(dt.shape)) if dt.shape else 1
             for element in range(count):
-                for v, raw in _values(dt.base, rng).items():
+                for v, raw in _values(dt.base, rng, short=True).items():
                     out.append((f'{where} record.{field}[{element}]={v}', where,
                                 at + element * dt.base.itemsize, raw))
     return out
@@ -110,17 +112,12 @@ def record_mutations(path, rng) -> list:
 
 def write_structure(good, out, offset, raw, recipe_at):
     """A copy of ``good`` with ``raw`` at ``offset`` (or, with ``offset`` a list
-    of (offset, raw) and ``raw`` None, each of them)."""
-    shutil.copy(good, out)
-    with open(out, 'r+b') as fh:
-        for at, data in (offset if raw is None else [(offset, raw)]):
-            fh.seek(at)
-            fh.write(data)
-        if recipe_at is not None:  # as a crafted file would: the recipe's CRC made to match
-            from ffcv_dr.format import RECIPE_DTYPE
-            fh.seek(recipe_at)
-            head = fh.read(RECIPE_DTYPE.fields['crc32'][1])
-            fh.write(np.uint32(zlib.crc32(head)).astype('<u4').tobytes())
+    of (offset, raw) and ``raw`` None, each of them), the recipe's CRC at
+    ``recipe_at`` made to match."""
+    if os.path.abspath(good) != os.path.abspath(out):
+        shutil.copy(good, out)
+    for at, data in (offset if raw is None else [(offset, raw)]):
+        _apply(out, at, data.hex(), recipe_at)
 
 
 def write_records(good, out, mutations) -> dict:
@@ -155,18 +152,50 @@ def child():
     writes its mutation of ``good`` to ``scratch`` first."""
     import warnings
     warnings.simplefilter('ignore')
+    copied = None
     for line in sys.stdin:
         job = json.loads(line)
         print('START', job['name'], flush=True)
-        path = job['path']
-        if job.get('mutation'):
-            at, raw, recipe_at = job['mutation']
-            write_structure(job['good'], path, at, bytes.fromhex(raw), recipe_at)
+        path, undo = job['path'], None
+        if job.get('mutation'):  # applied to one copy of good, and undone after the job
+            if copied != (job['good'], path):
+                shutil.copy(job['good'], path)
+                copied = (job['good'], path)
+            undo = _apply(path, *job['mutation'])
         try:
             result = {'status': 'ok', **(_load(path, job['p']) if job.get('p') is not None else _open(path))}
         except ValueError as e:
             result = {'status': 'refused', 'named': path in str(e), 'message': str(e)[:300]}
+        if undo:
+            _restore(path, undo)
         print('RESULT', json.dumps(result), flush=True)
+
+
+def _apply(path, at, raw, recipe_at) -> list:
+    """Write ``raw`` (hex) at ``at`` in ``path`` and, if ``recipe_at`` is given,
+    make the recipe there match its CRC again; returns [(offset, old bytes)]."""
+    from ffcv_dr.format import RECIPE_DTYPE
+    raw = bytes.fromhex(raw)
+    with open(path, 'r+b') as fh:
+        fh.seek(at)
+        undo = [(at, fh.read(len(raw)))]
+        fh.seek(at)
+        fh.write(raw)
+        if recipe_at is not None:  # as a crafted file would: the recipe's CRC made to match
+            crc_at = recipe_at + RECIPE_DTYPE.fields['crc32'][1]
+            fh.seek(crc_at)
+            undo.append((crc_at, fh.read(4)))
+            fh.seek(recipe_at)
+            head = fh.read(crc_at - recipe_at)
+            fh.write(np.uint32(zlib.crc32(head)).astype('<u4').tobytes())
+    return undo
+
+
+def _restore(path, undo):
+    with open(path, 'r+b') as fh:
+        for at, data in reversed(undo):
+            fh.seek(at)
+            fh.write(data)
 
 
 def _open(path):
