@@ -1,6 +1,8 @@
 """Where ffcv-dr's replay spends its time, per image on one core: the stages of
 :func:`render` run in a loop over every image of a ``.beton`` (one stored
-reinforcement each), beside a full decode of the same JPEGs (bench's ceiling A).
+reinforcement each), beside a full decode of the same JPEGs (bench's ceiling A)
+and the rulebook's check of the record and top-k that each decoder makes
+before replaying (:func:`ffcv_dr.rules.sample_problem`).
 
     .venv/bin/python benchmarks/replay_profile.py out/imagenet-sample-ns400.beton [--size 176]
 """
@@ -16,6 +18,7 @@ from ffcv_dr.fields.reinforced_image import (fresh_settings, render, render_layo
                                              temp_size)
 from ffcv_dr.geometry import read_u16, scale_box
 from ffcv_dr.jpeg import decode_crop_resize
+from ffcv_dr.rules import magnitude_limits, sample_problem
 
 
 @nb.njit(nogil=True)
@@ -44,6 +47,15 @@ def _renders(blocks, offsets, meta, js, layout, fresh, temp, outs):
     for i in range(len(js)):
         block = blocks[offsets[i]:offsets[i + 1]]
         render(block, meta[i], block, meta[i], js[i], np.uint64(0), 0, i, temp, outs[i], layout, fresh)
+
+
+@nb.njit(nogil=True)
+def _checks(blocks, offsets, tops, top_offsets, js, layout, limits, topk, num_classes, orig_sizes):
+    bad = 0
+    for i in range(len(js)):
+        bad += sample_problem(blocks[offsets[i]:offsets[i + 1]], tops[top_offsets[i]:top_offsets[i + 1]],
+                              js[i], layout, limits, topk, num_classes, i, orig_sizes) != 0
+    return bad
 
 
 def best_ms(fn, n, repeats=5):
@@ -77,15 +89,22 @@ def main():
     jpegs = [np.array(f.payload(i)) for i in range(n)]
     jpeg_data, jpeg_offsets = np.concatenate(jpegs), np.concatenate([[0], np.cumsum([j.size for j in jpegs])])
     heights, widths = meta['height'].copy(), meta['width'].copy()
+    tops = [np.array(f.block(f.target_meta[i]['data_ptr'])) for i in range(n)]
+    top_data, top_offsets = np.concatenate(tops), np.concatenate([[0], np.cumsum([t.size for t in tops])])
+    limits = magnitude_limits(f.recipe)
+    orig_sizes = np.stack([meta['orig_height'], meta['orig_width']], 1).astype(np.int64)
     buf = np.empty(int((meta['height'].astype(np.int64) * meta['width']).max()) * 3, np.uint8)
     rows = [('full decode (bench A)',
              lambda: _decode_all(jpeg_data, jpeg_offsets, heights, widths, buf)),
             ('region decode + resize', lambda: _crops(data, offsets, meta, js, layout, outs)),
             ('flip + RandAugment + erasing', lambda: _replays(data, offsets, js, layout, outs, scratch)),
-            ('whole replay (render)', lambda: _renders(data, offsets, meta, js, layout, fresh, temp, outs))]
+            ('whole replay (render)', lambda: _renders(data, offsets, meta, js, layout, fresh, temp, outs)),
+            ('rules check, record + top-k', lambda: _checks(data, offsets, top_data, top_offsets, js, layout,
+                                                             limits, f.recipe.topk, f.recipe.num_classes,
+                                                             orig_sizes))]
     print(f'{n} images, one stored reinforcement each, {size} px, one core')
     for name, fn in rows:
-        print(f'{name:30s} {best_ms(fn, n):6.3f} ms/image')
+        print(f'{name:30s} {best_ms(fn, n):7.4f} ms/image')
 
 
 if __name__ == '__main__':

@@ -43,8 +43,9 @@ class BetonFile:
         names = self.reader.field_names
         self.image_meta = self.reader.metadata[f'f{names.index("image")}']
         self.target_meta = self.reader.metadata[f'f{names.index("target")}']
-        table = np.sort(self.reader.alloc_table, order='ptr')
-        self._ptrs, self._sizes = table['ptr'], table['size']
+        table = self.reader.alloc_table
+        order = np.argsort(table['ptr'], kind='stable')  # a structured sort takes 10x longer
+        self._ptrs, self._sizes = table['ptr'][order], table['size'][order]
         self._mmap = np.memmap(path, np.uint8, mode='r')
         self._orig_sizes = None
         if check:
