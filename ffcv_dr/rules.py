@@ -20,6 +20,7 @@ import numpy as np
 from .format import (FLIP, HALF_TO_FLOAT, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
                      STORED_JPEG, STORED_RAW, topk_block_size)
 from .geometry import read_u16
+from .schedule import DAMAGED, ORIG_H, ORIG_W
 
 
 def header_problem(path: str):
@@ -251,6 +252,19 @@ def sample_problem(params, topk_block, j, layout, limits, topk, num_classes, ind
     if problem:
         return problem
     return topk_problem(topk_block[j * ts:(j + 1) * ts], topk, num_classes)
+
+
+@nb.njit(cache=True, nogil=True)
+def replayable(j, params, topk_block, index, table, layout, limits, topk, num_classes):
+    """``j``, or -1 (a fresh augmentation with the label) when reinforcement j
+    of sample ``index`` breaks a rule, which is marked in the loader's
+    ``table`` (see :class:`ffcv_dr.schedule.ReplayClock`). The image, target
+    and index decoders all ask, so they agree."""
+    if j >= 0 and sample_problem(params, topk_block, j, layout, limits, topk, num_classes, index,
+                                 table[:, ORIG_H:ORIG_W + 1]):
+        table[index, DAMAGED] = 1
+        return -1
+    return j
 
 
 @nb.njit(cache=True, nogil=True)

@@ -87,7 +87,6 @@ def sample_table(address, n):
     return nb.carray(_address_as_pointer(address), (n, TABLE_COLUMNS), np.int64)
 
 
-
 class ReplayClock:
     """The replay state shared by the image and target decoders of a loader.
 

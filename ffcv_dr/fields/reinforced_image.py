@@ -21,9 +21,9 @@ from ..geometry import (erase, fresh_flip, hflip_inplace, random_erasing, random
 from ..jpeg import crop_resize
 from ..mixing import cutmix, mixup
 from ..randaugment import apply_op, draw_ops, magnitude_table
-from ..rules import magnitude_limits, sample_problem
-from ..schedule import (DAMAGED, ORIG_H, ORIG_W, STREAM_FRESH_ERASE, STREAM_FRESH_RA, TARGET_PTR,
-                        ReplayClock, choose, read_epoch, sample_table)
+from ..rules import magnitude_limits, replayable
+from ..schedule import (STREAM_FRESH_ERASE, STREAM_FRESH_RA, TARGET_PTR, ReplayClock, choose,
+                        read_epoch, sample_table)
 
 
 class ReinforcedImageField(Field):
@@ -132,12 +132,9 @@ class ReinforcedImageDecoder(Operation):
                 index = batch_indices[dst_ix]
                 meta = metadata[index]
                 block = mem_read(meta['data_ptr'], storage_state)
-                j = choose(seed, epoch, index, num_samples, p)
-                if j >= 0 and sample_problem(block, mem_read(np.uint64(table[index, TARGET_PTR]), storage_state),
-                                             j, layout, limits, topk, num_classes, index,
-                                             table[:, ORIG_H:ORIG_W + 1]):
-                    table[index, DAMAGED] = 1
-                    j = -1  # a damaged record: a fresh augmentation, as the target decoder agrees
+                j = replayable(choose(seed, epoch, index, num_samples, p), block,
+                               mem_read(np.uint64(table[index, TARGET_PTR]), storage_state), index,
+                               table, layout, limits, topk, num_classes)
                 pair = pair_index(block, j, layout)
                 pair_meta, pair_block = meta, block
                 if pair >= 0:

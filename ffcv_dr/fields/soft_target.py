@@ -15,9 +15,8 @@ from ffcv.pipeline.state import State
 
 from ..format import HALF_TO_FLOAT, TARGET_METADATA, Recipe, block_crc, topk_block_size, topk_dtype
 from ..geometry import read_u16
-from ..rules import magnitude_limits, sample_problem
-from ..schedule import (DAMAGED, IMAGE_PTR, ORIG_H, ORIG_W, ReplayClock, choose, read_epoch,
-                        sample_table)
+from ..rules import magnitude_limits, replayable
+from ..schedule import IMAGE_PTR, ReplayClock, choose, read_epoch, sample_table
 from .reinforced_image import render_layout
 
 DENSIFY = ('smooth', 'zeros')
@@ -132,17 +131,13 @@ class SoftTargetDecoder(Operation):
                 index = batch_indices[dst_ix]
                 field = metadata[index]
                 out = destination[dst_ix]
-                j = choose(seed, epoch, index, num_samples, p)
+                block = mem_read(field['data_ptr'], storage_state)
+                j = replayable(choose(seed, epoch, index, num_samples, p),
+                               mem_read(np.uint64(table[index, IMAGE_PTR]), storage_state), block,
+                               index, table, layout, limits, topk, num_classes)
                 if j >= 0:
-                    block = mem_read(field['data_ptr'], storage_state)
-                    if sample_problem(mem_read(np.uint64(table[index, IMAGE_PTR]), storage_state), block,
-                                      j, layout, limits, topk, num_classes, index,
-                                      table[:, ORIG_H:ORIG_W + 1]):
-                        table[index, DAMAGED] = 1
-                        j = -1  # a damaged record: the label, as the image decoder agrees
-                    else:
-                        densify(block[j * rec_size:(j + 1) * rec_size], topk, out, mode_zeros)
-                if j < 0:
+                    densify(block[j * rec_size:(j + 1) * rec_size], topk, out, mode_zeros)
+                else:
                     one_hot(out, field['label'])
             return destination[:len(batch_indices)]
 
@@ -179,13 +174,11 @@ class ReinforcementIndexDecoder(Operation):
             table = sample_table(table_address, rows)
             for dst_ix in my_range(len(batch_indices)):
                 index = batch_indices[dst_ix]
-                j = choose(seed, epoch, index, num_samples, p)
-                if j >= 0 and sample_problem(mem_read(np.uint64(table[index, IMAGE_PTR]), storage_state),
-                                             mem_read(metadata[index]['data_ptr'], storage_state),
-                                             j, layout, limits, topk, num_classes, index,
-                                             table[:, ORIG_H:ORIG_W + 1]):
-                    j = -1
-                destination[dst_ix, 0] = j
+                destination[dst_ix, 0] = replayable(
+                    choose(seed, epoch, index, num_samples, p),
+                    mem_read(np.uint64(table[index, IMAGE_PTR]), storage_state),
+                    mem_read(metadata[index]['data_ptr'], storage_state), index, table, layout, limits,
+                    topk, num_classes)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
