@@ -112,7 +112,7 @@ def _reinforce(args):
                        pretrained=not args.no_pretrained,
                        mixup=(args.mixup_p, args.mixup_alpha, args.mixup_div),
                        cutmix=(args.cutmix_p, args.cutmix_alpha), skip_bad=args.skip_bad,
-                       teacher_size=args.teacher_size)
+                       teacher_size=args.teacher_size, restart=args.restart)
     if 'recipe' in result and os.path.exists(args.output):
         r = result['recipe']
         if r.num_samples:
@@ -263,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='cpu', help='cpu or cuda (cuda:LOCAL_RANK under torchrun)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--chunk', type=int, default=64, help='images per resumable chunk')
+    p.add_argument('--restart', action='store_true',
+                   help='throw away the finished chunks of a different earlier run instead of refusing')
     p.add_argument('--workers', type=int, default=None, help='render threads / writer processes')
     _storage_options(p)
     p.add_argument('--skip-bad', action='store_true',

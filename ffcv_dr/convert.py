@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .fields import ReinforcedImageField, SoftTargetField
 from .fields.reinforced_image import render_layout
 from .format import HAS_PAIR, bytes_per_reinforcement, reinforcement_dtype, topk_dtype
+from .jobs import OutputLock, check_output, regular_file
 from .jpeg import check_jpeg, jpeg_header
 from .mldr import (CONFIG_NAME, ImageSizes, MldrDirectory, MldrError, check_indices,
                    member_index, iter_tar, load_pickle, parse_file, recipe_from_config)
@@ -74,7 +75,7 @@ def list_images(images_dir: str, num_classes: int = None) -> ImageList:
         folder = ImageFolder(images_dir, loader=lambda p: p)
     except (FileNotFoundError, RuntimeError) as e:
         raise ConvertError(f'{images_dir}: not an image folder ({e})') from None
-    paths = [p for p, _ in folder.samples]
+    paths = [regular_file(p, missing_ok=True) for p, _ in folder.samples]  # the probe reports those
     labels = np.array([y for _, y in folder.samples], np.int64)
     classes, space = folder.classes, 'folder'
     synsets = _imagenet_synsets()
@@ -459,11 +460,19 @@ def convert(images_dir: str, output: str, mldr: str, num_workers: int = None,
     images are left out and listed in ``skipped``."""
     num_workers = num_workers or os.cpu_count()
     max_resolution = storage.max_resolution
-    images = list_images(images_dir, num_classes)
-    n = len(images.paths)
     out_dir = output_dir(output)
     if not os.path.exists(mldr):
         raise ConvertError(f'{mldr}: no such file or directory')
+    check_output(output, [images_dir, mldr])
+    with OutputLock(output):
+        return _convert(images_dir, output, out_dir, mldr, num_workers, num_classes, skip_bad, storage,
+                        max_resolution)
+
+
+def _convert(images_dir, output, out_dir, mldr, num_workers, num_classes, skip_bad, storage,
+             max_resolution):
+    images = list_images(images_dir, num_classes)
+    n = len(images.paths)
     probes = probe_images(images, max_resolution, num_workers, skip_bad)
     sizes = image_sizes(probes)
     images, probes, skipped = readable(images, probes)

@@ -22,6 +22,7 @@ import numpy as np
 
 from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
                      RA_OPS, Recipe, reinforcement_dtype, topk_dtype)
+from .jobs import regular_file
 from .mldr_checks import store_views, topk_unfit
 from .mldr_pickle import read_views
 
@@ -383,7 +384,7 @@ class MldrDirectory:
 
     def read(self, index: int):
         """(bytes, path) of image ``index``'s file."""
-        name = self.name(index)
+        name = regular_file(self.name(index))
         with open(name, 'rb') as f:
             return f.read(), name
 

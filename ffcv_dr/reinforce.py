@@ -32,7 +32,9 @@ from tqdm import tqdm
 from .convert import (ConvertError, list_images, output_dir, probe_images, readable,
                       write_beton)
 from .fields.reinforced_image import fresh_settings, render, render_layout, temp_size
-from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, IMAGE_METADATA,
+from .jobs import (JobError, OutputLock, changed, check_output, digest, file_digest,
+                   images_digest)
+from .format import (FORMAT_VERSION, FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, IMAGE_METADATA,
                      Recipe, reinforcement_dtype, topk_dtype)
 from .geometry import fresh_flip, random_erasing, random_resized_crop
 from .randaugment import draw_ops
@@ -168,43 +170,52 @@ def _world(device: str):
     return 0, 1
 
 
-def _parts_dir(output: str, settings: Settings, rank: int, world: int) -> str:
+def _parts_dir(output: str, fingerprint: dict, rank: int, world: int, restart: bool) -> str:
+    """``OUTPUT.parts``, holding the fingerprint of the run its chunks belong to;
+    a run with another fingerprint is refused (``restart``: the parts are
+    thrown away), saying what changed."""
     parts = output + '.parts'
-    want = json.dumps(asdict(settings), sort_keys=True)
-    path = os.path.join(parts, 'settings.json')
+    path = os.path.join(parts, 'fingerprint.json')
+    fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back: lists for tuples
     if rank == 0:
+        if restart and os.path.isdir(parts):
+            shutil.rmtree(parts)
         os.makedirs(parts, exist_ok=True)
         if os.path.exists(path):
             with open(path) as f:
-                if f.read() != want:
-                    raise ConvertError(f'{parts}: holds a run with other settings; remove it or '
-                                       'use the same command')
+                stored = json.load(f)
+            if stored != fingerprint:
+                raise JobError(f'{parts}: holds chunks of another run ({", ".join(changed(stored, fingerprint))} '
+                               'changed); run the same command on the same inputs, or pass --restart '
+                               'to start over')
         else:
             with open(path + '.tmp', 'w') as f:
-                f.write(want)
+                json.dump(fingerprint, f, sort_keys=True)
             os.replace(path + '.tmp', path)
     if world > 1:
         dist.barrier()
     return parts
 
 
-def _save_chunk(path, records, topk):
+def _save_chunk(path, records, topk, run):
     tmp = path + '.tmp.npz'
-    np.savez(tmp, records=records.view(np.uint8), topk=topk.view(np.uint8))
+    np.savez(tmp, records=records.view(np.uint8), topk=topk.view(np.uint8), run=np.array(run))
     os.replace(tmp, path)
 
 
 class ChunkSource:
     """The finished chunks, as ``write_beton`` reads them (image by image)."""
 
-    def __init__(self, parts, recipe: Recipe, chunk: int):
-        self.parts, self.recipe, self.chunk = parts, recipe, chunk
+    def __init__(self, parts, recipe: Recipe, chunk: int, run: str):
+        self.parts, self.recipe, self.chunk, self.run = parts, recipe, chunk, run
         self._loaded = (None, None, None)
 
     def get(self, index):
         c = index // self.chunk
         if self._loaded[0] != c:
-            with np.load(os.path.join(self.parts, f'chunk_{c:06d}.npz')) as z:
+            with np.load(self.name(index)) as z:
+                if str(z['run']) != self.run:
+                    raise JobError(f'{self.name(index)}: a chunk of another run')
                 self._loaded = (c, z['records'].view(reinforcement_dtype(self.recipe)),
                                 z['topk'].view(topk_dtype(self.recipe)))
         k = index - c * self.chunk
@@ -236,7 +247,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
               checkpoints=(), chunk: int = 64, num_workers: int = None,
               storage: Storage = Storage(), pretrained: bool = True,
               mixup=(0.5, 1.0, 2.0), cutmix=(0.5, 1.0), skip_bad: bool = False,
-              teacher_size: int = None) -> dict:
+              teacher_size: int = None, restart: bool = False) -> dict:
     """Reinforce the ImageFolder ``images_dir`` into ``output`` (see the module
     docstring). ``mixup`` is (p, alpha, div_by) and ``cutmix`` (p, alpha), used
     by the ``+mix`` recipes; the defaults are ImageNet+'s. With ``skip_bad``,
@@ -244,7 +255,10 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     the side teachers see (default: their pretrained config's). ``samples=0``
     writes the images, labels and recipe only, without a teacher: a file for
     training on fresh augmentations (``train.mode=erm``), e.g. a teacher.
-    ``storage``: how images are stored (the teacher sees them as stored)."""
+    ``storage``: how images are stored (the teacher sees them as stored).
+    Finished chunks are reused only by a run with the same fingerprint (the
+    image list, the teachers' checkpoints, every setting); ``restart`` throws
+    away those of another run instead of refusing."""
     if recipe not in RECIPES:
         raise ConvertError(f'recipe {recipe!r} is not supported (choose from {", ".join(RECIPES)})')
     num_workers = num_workers or os.cpu_count()
@@ -257,6 +271,39 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     if device == 'cuda':
         device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
     out_dir = output_dir(output)
+    check_output(output, [images_dir, *checkpoints])
+    lock = _group_lock(output, rank, world)
+    try:
+        return _reinforce(images_dir, output, out_dir, settings, rank, world, device, teacher,
+                          checkpoints, pretrained, teacher_size, samples, topk, recipe, size, scale,
+                          ratio, ra_magnitude, chunk, batch_size, num_workers, storage, skip_bad,
+                          seed, restart)
+    finally:
+        if lock:
+            lock.__exit__(None, None, None)
+
+
+def _group_lock(output, rank, world):
+    """Rank 0 holds the output's lock for the whole torchrun group; when it
+    cannot, every rank stops with its message."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = OutputLock(output).__enter__()
+        except JobError as e:
+            error = str(e)
+    if world > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        raise JobError(error)
+    return lock
+
+
+def _reinforce(images_dir, output, out_dir, settings, rank, world, device, teacher, checkpoints,
+               pretrained, teacher_size, samples, topk, recipe, size, scale, ratio, ra_magnitude,
+               chunk, batch_size, num_workers, storage, skip_bad, seed, restart):
     images = list_images(images_dir)
     images, probes, skipped = readable(images, probe_images(images, storage.max_resolution,
                                                             num_workers, skip_bad))
@@ -272,7 +319,11 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
                  scale=scale, ratio=ratio, ra_magnitude=ra_magnitude, erase_p=settings.erase_p)
     fresh = fresh_settings(rec)
     layout, key = render_layout(rec), np.uint64(seed)
-    parts = _parts_dir(output, settings, rank, world)
+    fingerprint = {'format': FORMAT_VERSION, 'settings': asdict(settings), 'image_count': n,
+                   'images': images_digest(images_dir, images.paths, images.labels),
+                   'checkpoints': [file_digest(c) for c in checkpoints]}
+    parts = _parts_dir(output, fingerprint, rank, world, restart)
+    run = digest(fingerprint)
     chunks = (n + chunk - 1) // chunk if samples else 0  # without reinforcements, nothing to generate
     mine = [c for c in range(chunks) if c % world == rank]
     todo = [c for c in mine if not os.path.exists(os.path.join(parts, f'chunk_{c:06d}.npz'))]
@@ -326,7 +377,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
             bar.update(len(group) * world)
             if s + 1 == len(spans) or spans[s + 1][0] != c:
                 _save_chunk(os.path.join(parts, f'chunk_{c:06d}.npz'), np.concatenate(records),
-                            np.concatenate(tops))
+                            np.concatenate(tops), run)
                 records, tops = [], []
     bar.close()
     elapsed = time.perf_counter() - began
@@ -336,7 +387,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     if rank == 0:
         scratch = tempfile.mkdtemp(prefix='.ffcv-dr-', dir=out_dir)
         try:
-            source = ChunkSource(parts, rec, chunk) if samples else _NoReinforcements(rec)
+            source = ChunkSource(parts, rec, chunk, run) if samples else _NoReinforcements(rec)
             result.update(write_beton(output, images, probes, source, scratch, num_workers,
                                       storage))
         finally:

@@ -1,0 +1,107 @@
+"""What keeps ``convert`` and ``reinforce`` from losing or mixing up data:
+outputs that never touch inputs, one job per output, inputs that are regular
+files, and the fingerprint a resumed run must match."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import stat
+
+
+class JobError(RuntimeError):
+    """A job refused before doing any work; nothing was written."""
+
+
+def regular_file(path: str, missing_ok: bool = False) -> str:
+    """``path``, or a JobError when it is not a regular file (a FIFO would block
+    the reader forever, a link to /dev/zero would fill memory); with
+    ``missing_ok``, a path that cannot be stat'ed passes, for its reader to report."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if missing_ok:
+            return path
+        raise JobError(f'{path}: unreadable ({e.strerror})') from None
+    if not stat.S_ISREG(mode):
+        kind = ('a FIFO' if stat.S_ISFIFO(mode) else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else 'a socket' if stat.S_ISSOCK(mode) else 'a directory' if stat.S_ISDIR(mode)
+                else 'not a regular file')
+        raise JobError(f'{path}: {kind}, not a regular file')
+    return path
+
+
+def check_output(output: str, inputs) -> None:
+    """Refuse an output that is, or lies inside, one of ``inputs`` (folders or
+    files), before any work: the finished file would replace an input."""
+    outs = {os.path.abspath(output), os.path.realpath(output)}  # as given and through links
+    for given in filter(None, inputs):
+        for inp in {os.path.abspath(given), os.path.realpath(given)}:
+            for out in outs:
+                if out == inp or (os.path.isdir(inp) and out.startswith(inp.rstrip(os.sep) + os.sep)):
+                    raise JobError(f'{output}: the output would be written '
+                                   f'{"over" if out == inp else "inside"} the input {given}; '
+                                   'choose another path')
+
+
+class OutputLock:
+    """One job per output: an exclusive ``flock`` on a hidden file beside it
+    (``.ffcv-dr-lock-NAME``), held for the whole job and released by the
+    kernel however the process ends; the next job on that output removes the
+    file. A second job fails at once, naming the holder."""
+
+    def __init__(self, output: str):
+        folder, name = os.path.split(os.path.abspath(output))
+        self.output, self.path = output, os.path.join(folder, f'.ffcv-dr-lock-{name}')
+        self.fd = None
+
+    def __enter__(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors='replace').strip() or 'another process'
+            os.close(fd)
+            raise JobError(f'{self.output}: another job is writing it ({holder}); wait for it '
+                           'or stop it') from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}'.encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes (teacher checkpoints)."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def images_digest(root: str, paths, labels) -> str:
+    """SHA-256 over the ordered image list: each path (relative to ``root``),
+    size, modification time and label."""
+    h = hashlib.sha256()
+    for path, label in zip(paths, labels):
+        st = os.stat(path)
+        h.update(f'{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\0{int(label)}\n'.encode())
+    return h.hexdigest()
+
+
+def changed(stored: dict, current: dict) -> list:
+    """The keys whose values differ between two fingerprints."""
+    return sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+
+
+def digest(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,111 @@
+"""Jobs that never lose or mix up data: a resumed run reuses only chunks of the
+same inputs and settings, an output never replaces an input, one job per
+output, and only regular files are read."""
+import os
+import shutil
+
+import pytest
+
+from conftest import IMAGES, RANDAUG, needs_shared
+from ffcv_dr.convert import convert
+from ffcv_dr.jobs import JobError, OutputLock
+from ffcv_dr.reinforce import reinforce
+
+pytestmark = needs_shared
+FAST = dict(samples=2, topk=5, size=64, chunk=4, batch_size=8, num_workers=2)
+
+
+def _folder(root, images):
+    """An ImageFolder of symlinks to the given imagenet-sample files."""
+    for path in images:
+        cls = os.path.basename(os.path.dirname(path))
+        os.makedirs(root / cls, exist_ok=True)
+        os.symlink(path, root / cls / os.path.basename(path))
+    return str(root)
+
+
+def _first_chunk_only(monkeypatch):
+    """Stop a reinforce run after its first chunk, as a kill would."""
+    import ffcv_dr.reinforce as rf
+    save = rf._save_chunk
+
+    def save_then_die(path, *args):
+        save(path, *args)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(rf, '_save_chunk', save_then_die)
+
+
+def test_resuming_with_other_images_is_refused_and_restart_starts_over(tmp_path, monkeypatch):
+    from ffcv_dr.convert import list_images
+    paths = list_images(IMAGES).paths
+    first, other = _folder(tmp_path / 'a', paths[:8]), _folder(tmp_path / 'b', paths[8:16])
+    out = str(tmp_path / 'x.beton')
+    with monkeypatch.context() as m:
+        _first_chunk_only(m)
+        with pytest.raises(KeyboardInterrupt):
+            reinforce(first, out, **FAST)
+    assert os.listdir(out + '.parts')
+    with pytest.raises(JobError, match=r'x\.beton\.parts: holds chunks of another run \(images changed\)'):
+        reinforce(other, out, **FAST)
+    with pytest.raises(JobError, match=r'\(images, settings changed\)'):
+        reinforce(other, out, **{**FAST, 'seed': 3})
+    reinforce(other, out, restart=True, **FAST)  # starts over: every label is the new folder's
+    from ffcv_dr.beton import BetonFile
+    assert [BetonFile(out).label(i) for i in range(8)] == list(list_images(other).labels)
+
+
+@pytest.mark.parametrize('which', ['image', 'folder', 'archive', 'config'])
+def test_an_output_over_an_input_is_refused_before_any_work(tmp_path, which):
+    from helpers import link_mldr_copy
+    images = _folder(tmp_path / 'images', [os.path.join(IMAGES, 'n01440764', f) for f in
+                                             sorted(os.listdir(os.path.join(IMAGES, 'n01440764')))])
+    mldr = link_mldr_copy(tmp_path / 'reinforced_data', RANDAUG)
+    victim = {'image': os.path.join(images, 'n01440764', os.listdir(os.path.join(images, 'n01440764'))[0]),
+              'folder': os.path.join(images, 'new.beton'),
+              'archive': str(tmp_path / 'reinforced_data.tar'),
+              'config': os.path.join(mldr, 'config.pth.tar')}[which]
+    if which == 'archive':
+        shutil.make_archive(str(tmp_path / 'reinforced_data'), 'tar', tmp_path, 'reinforced_data')
+        mldr = victim
+    before = open(victim, 'rb').read() if os.path.exists(victim) else None
+    with pytest.raises(JobError, match='would be written (over|inside) the input'):
+        convert(images, victim, mldr, num_workers=2)
+    if which in ('image', 'folder'):  # reinforce's inputs: the images, and its checkpoints
+        with pytest.raises(JobError, match='would be written (over|inside) the input'):
+            reinforce(images, victim, **FAST)
+    else:
+        with pytest.raises(JobError, match=r'written over the input .*(\.tar|config\.pth\.tar)'):
+            reinforce(images, victim, checkpoints=[victim], **FAST)
+    assert (open(victim, 'rb').read() if os.path.exists(victim) else None) == before
+
+
+def test_a_second_job_on_one_output_fails_at_once_naming_the_holder(tmp_path):
+    from ffcv_dr.convert import list_images
+    images = _folder(tmp_path / 'images', list_images(IMAGES).paths[:4])
+    out = str(tmp_path / 'x.beton')
+    with OutputLock(out):
+        with pytest.raises(JobError, match=rf'x\.beton: another job is writing it \(pid {os.getpid()} on '):
+            reinforce(images, out, **FAST)
+        with pytest.raises(JobError, match='another job is writing it'):
+            convert(images, out, RANDAUG, num_workers=2)
+    assert os.listdir(tmp_path) == ['images']  # the lock leaves nothing behind
+
+
+def test_special_files_are_refused_by_name(tmp_path):
+    from helpers import link_mldr_copy
+    from ffcv_dr.convert import ConvertError
+    images = _folder(tmp_path / 'images', [])
+    os.makedirs(os.path.join(images, 'n01440764'))
+    os.mkfifo(os.path.join(images, 'n01440764', 'fifo.JPEG'))
+    with pytest.raises(JobError, match=r'fifo\.JPEG: a FIFO, not a regular file'):
+        reinforce(images, str(tmp_path / 'x.beton'), **FAST)
+    mldr = link_mldr_copy(tmp_path / 'reinforced_data', RANDAUG)
+    os.remove(os.path.join(mldr, '17.pth.tar'))
+    os.mkfifo(os.path.join(mldr, '17.pth.tar'))
+    with pytest.raises(ConvertError, match=r'17\.pth\.tar: a FIFO, not a regular file'):
+        convert(IMAGES, str(tmp_path / 'y.beton'), mldr, num_workers=2)
+    os.remove(os.path.join(mldr, '17.pth.tar'))
+    os.symlink('/dev/zero', os.path.join(mldr, '17.pth.tar'))
+    with pytest.raises(ConvertError, match=r'17\.pth\.tar: a device, not a regular file'):
+        convert(IMAGES, str(tmp_path / 'y.beton'), mldr, num_workers=2)
+    assert sorted(os.listdir(tmp_path)) == ['images', 'reinforced_data']
