@@ -16,7 +16,6 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from .fields import ReinforcedImageField, SoftTargetField
 from .fields.reinforced_image import render_layout
 from .format import HAS_PAIR, bytes_per_reinforcement, reinforcement_dtype, topk_dtype
-from .jobs import OutputLock, check_output, regular_file
+from .jobs import OutputLock, check_output, regular_file, scratch_dir
 from .jpeg import check_jpeg, jpeg_header
 from .mldr import (CONFIG_NAME, ImageSizes, MldrDirectory, MldrError, check_indices,
                    member_index, iter_tar, load_pickle, parse_file, recipe_from_config)
@@ -447,6 +446,7 @@ def write_beton(output, images: ImageList, probes, source, scratch, num_workers,
 
 
 def output_dir(output: str) -> str:
+    """The output's folder; a ConvertError when it does not exist."""
     out_dir = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(out_dir):
         raise ConvertError(f'{output}: the directory {out_dir} does not exist')
@@ -460,23 +460,23 @@ def convert(images_dir: str, output: str, mldr: str, num_workers: int = None,
     images are left out and listed in ``skipped``."""
     num_workers = num_workers or os.cpu_count()
     max_resolution = storage.max_resolution
-    out_dir = output_dir(output)
+    output_dir(output)
     if not os.path.exists(mldr):
         raise ConvertError(f'{mldr}: no such file or directory')
     check_output(output, [images_dir, mldr])
     with OutputLock(output):
-        return _convert(images_dir, output, out_dir, mldr, num_workers, num_classes, skip_bad, storage,
+        return _convert(images_dir, output, mldr, num_workers, num_classes, skip_bad, storage,
                         max_resolution)
 
 
-def _convert(images_dir, output, out_dir, mldr, num_workers, num_classes, skip_bad, storage,
+def _convert(images_dir, output, mldr, num_workers, num_classes, skip_bad, storage,
              max_resolution):
     images = list_images(images_dir, num_classes)
     n = len(images.paths)
     probes = probe_images(images, max_resolution, num_workers, skip_bad)
     sizes = image_sizes(probes)
     images, probes, skipped = readable(images, probes)
-    scratch = tempfile.mkdtemp(prefix='.ffcv-dr-', dir=out_dir)
+    scratch = scratch_dir(output)
     try:
         compile_here()
         if os.path.isdir(mldr):

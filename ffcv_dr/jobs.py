@@ -4,11 +4,14 @@ files, and the fingerprint a resumed run must match."""
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
+import shutil
 import socket
 import stat
+import tempfile
 
 
 class JobError(RuntimeError):
@@ -77,6 +80,18 @@ class OutputLock:
         except OSError:
             pass
         os.close(self.fd)
+
+
+def scratch_dir(output: str) -> str:
+    """A new hidden scratch folder beside ``output``, for the file being
+    written. Called under the output's :class:`OutputLock`, so the scratch
+    folders of earlier jobs on this output that were killed (SIGKILL leaves
+    them) are removed first: nothing a kill leaves lasts."""
+    folder, name = os.path.split(os.path.abspath(output))
+    prefix = f'.ffcv-dr-tmp-{name}-'
+    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + '*')):
+        shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=prefix, dir=folder)
 
 
 def file_digest(path: str) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -33,7 +32,7 @@ from .convert import (ConvertError, list_images, output_dir, probe_images, reada
                       write_beton)
 from .fields.reinforced_image import fresh_settings, render, render_layout, temp_size
 from .jobs import (JobError, OutputLock, changed, check_output, digest, file_digest,
-                   images_digest)
+                   images_digest, scratch_dir)
 from .format import (FORMAT_VERSION, FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, IMAGE_METADATA,
                      Recipe, reinforcement_dtype, topk_dtype)
 from .geometry import fresh_flip, random_erasing, random_resized_crop
@@ -270,11 +269,11 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     rank, world = _world(device)
     if device == 'cuda':
         device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
-    out_dir = output_dir(output)
+    output_dir(output)
     check_output(output, [images_dir, *checkpoints])
     lock = _group_lock(output, rank, world)
     try:
-        return _reinforce(images_dir, output, out_dir, settings, rank, world, device, teacher,
+        return _reinforce(images_dir, output, settings, rank, world, device, teacher,
                           checkpoints, pretrained, teacher_size, samples, topk, recipe, size, scale,
                           ratio, ra_magnitude, chunk, batch_size, num_workers, storage, skip_bad,
                           seed, restart)
@@ -301,7 +300,7 @@ def _group_lock(output, rank, world):
     return lock
 
 
-def _reinforce(images_dir, output, out_dir, settings, rank, world, device, teacher, checkpoints,
+def _reinforce(images_dir, output, settings, rank, world, device, teacher, checkpoints,
                pretrained, teacher_size, samples, topk, recipe, size, scale, ratio, ra_magnitude,
                chunk, batch_size, num_workers, storage, skip_bad, seed, restart):
     images = list_images(images_dir)
@@ -385,7 +384,7 @@ def _reinforce(images_dir, output, out_dir, settings, rank, world, device, teach
         dist.barrier()
     result = {'output': output, 'images': n, 'recipe': rec, 'seconds': elapsed, 'skipped': skipped}
     if rank == 0:
-        scratch = tempfile.mkdtemp(prefix='.ffcv-dr-', dir=out_dir)
+        scratch = scratch_dir(output)
         try:
             source = ChunkSource(parts, rec, chunk, run) if samples else _NoReinforcements(rec)
             result.update(write_beton(output, images, probes, source, scratch, num_workers,

@@ -368,6 +368,7 @@ def test_a_killed_convert_leaves_no_file_that_looks_finished(tmp_path):
     assert all(n.startswith('.ffcv-dr-') for n in os.listdir(tmp_path))
     convert(IMAGES, str(out), RANDAUG, num_workers=2)  # the same command again just works
     assert verify(str(out)).ok
+    assert os.listdir(tmp_path) == ['killed.beton']  # and removes what the kill left
 
 
 def test_disk_filling_up_during_the_write_stops_with_a_message(tmp_path):
