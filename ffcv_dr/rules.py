@@ -117,7 +117,7 @@ def _block_sizes(f, ptrs) -> tuple:
 # What the compiled checks below return: 0, or the first problem found.
 PROBLEMS = ('', 'crop box', 'flags', 'RandAugment op', 'RandAugment magnitude', 'erase box',
             'mixing flags', 'paired image index', 'MixUp lambda', 'CutMix box',
-            'top-k probabilities', 'top-k class ids', 'top-k class ids')
+            'top-k probabilities', 'top-k class ids', 'repeated top-k class ids')
 (CROP, FLAGS, RA_OP, RA_MAGNITUDE, ERASE, MIX_FLAGS, PAIR, MIXUP, CUTMIX, TOPK_PROB,
  TOPK_CLASS, TOPK_REPEAT) = range(1, len(PROBLEMS))
 
@@ -188,7 +188,7 @@ def record_problem(rec, layout, limits, index, orig_sizes):
     ``index``: ``orig_sizes`` holds every image's (original height, width),
     the pixels of the stored crops. The loader replays only records that
     pass, ``verify`` reports the others, and convert and reinforce write none."""
-    if rec.size < layout.record_size:
+    if rec.size < layout.record_size:  # rules' block sizes rule it out; never read past the block
         return FLAGS
     problem = view_problem(rec, layout.own, layout, limits, orig_sizes[index, 0], orig_sizes[index, 1])
     if problem or not layout.mixing:
