@@ -92,7 +92,6 @@ def main():
     tops = [np.array(f.block(f.target_meta[i]['data_ptr'])) for i in range(n)]
     top_data, top_offsets = np.concatenate(tops), np.concatenate([[0], np.cumsum([t.size for t in tops])])
     limits = magnitude_limits(f.recipe)
-    orig_sizes = np.stack([meta['orig_height'], meta['orig_width']], 1).astype(np.int64)
     buf = np.empty(int((meta['height'].astype(np.int64) * meta['width']).max()) * 3, np.uint8)
     rows = [('full decode (bench A)',
              lambda: _decode_all(jpeg_data, jpeg_offsets, heights, widths, buf)),
@@ -101,7 +100,7 @@ def main():
             ('whole replay (render)', lambda: _renders(data, offsets, meta, js, layout, fresh, temp, outs)),
             ('rules check, record + top-k', lambda: _checks(data, offsets, top_data, top_offsets, js, layout,
                                                              limits, f.recipe.topk, f.recipe.num_classes,
-                                                             orig_sizes))]
+                                                             f.orig_sizes))]
     print(f'{n} images, one stored reinforcement each, {size} px, one core')
     for name, fn in rows:
         print(f'{name:30s} {best_ms(fn, n):7.4f} ms/image')

@@ -2,6 +2,7 @@
 (``info``, ``replay``, tests), through FFCV's own Reader."""
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -47,7 +48,6 @@ class BetonFile:
         order = np.argsort(table['ptr'], kind='stable')  # a structured sort takes 10x longer
         self._ptrs, self._sizes = table['ptr'][order], table['size'][order]
         self._mmap = np.memmap(path, np.uint8, mode='r')
-        self._orig_sizes = None
         if check:
             problems, _ = file_problems(self)
             if problems:
@@ -106,15 +106,17 @@ class BetonFile:
                fresh_settings(self.recipe))
         return out
 
+    @functools.cached_property
+    def orig_sizes(self) -> np.ndarray:
+        """(original height, width) of every image: the pixel space of its crops."""
+        return np.stack([self.image_meta['orig_height'], self.image_meta['orig_width']], 1).astype(np.int64)
+
     def problem(self, index: int, j: int) -> str:
         """'' or what :func:`rules.sample_problem` finds wrong with reinforcement j."""
         r = self.recipe
-        if self._orig_sizes is None:
-            self._orig_sizes = np.stack([self.image_meta['orig_height'],
-                                         self.image_meta['orig_width']], 1).astype(np.int64)
         code = sample_problem(self.image_block(index), self.block(self.target_meta[index]['data_ptr']),
                               j, render_layout(r), magnitude_limits(r), r.topk, r.num_classes, index,
-                              self._orig_sizes)
+                              self.orig_sizes)
         return PROBLEMS[code]
 
     def topk(self, index: int) -> np.ndarray:

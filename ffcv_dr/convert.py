@@ -459,21 +459,18 @@ def convert(images_dir: str, output: str, mldr: str, num_workers: int = None,
     the images stored as ``storage`` says. With ``skip_bad``, unreadable
     images are left out and listed in ``skipped``."""
     num_workers = num_workers or os.cpu_count()
-    max_resolution = storage.max_resolution
     output_dir(output)
     if not os.path.exists(mldr):
         raise ConvertError(f'{mldr}: no such file or directory')
     check_output(output, [images_dir, mldr])
     with OutputLock(output):
-        return _convert(images_dir, output, mldr, num_workers, num_classes, skip_bad, storage,
-                        max_resolution)
+        return _convert(images_dir, output, mldr, num_workers, num_classes, skip_bad, storage)
 
 
-def _convert(images_dir, output, mldr, num_workers, num_classes, skip_bad, storage,
-             max_resolution):
+def _convert(images_dir, output, mldr, num_workers, num_classes, skip_bad, storage):
     images = list_images(images_dir, num_classes)
     n = len(images.paths)
-    probes = probe_images(images, max_resolution, num_workers, skip_bad)
+    probes = probe_images(images, storage.max_resolution, num_workers, skip_bad)
     sizes = image_sizes(probes)
     images, probes, skipped = readable(images, probes)
     scratch = scratch_dir(output)

@@ -16,6 +16,7 @@ one process and many give the same file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -184,9 +185,9 @@ def _parts_dir(output: str, fingerprint: dict, rank: int, world: int, restart: b
             with open(path) as f:
                 stored = json.load(f)
             if stored != fingerprint:
-                raise JobError(f'{parts}: holds chunks of another run ({", ".join(changed(stored, fingerprint))} '
-                               'changed); run the same command on the same inputs, or pass --restart '
-                               'to start over')
+                what = ', '.join(changed(stored, fingerprint))
+                raise JobError(f'{parts}: holds chunks of another run ({what} changed); run the same '
+                               'command on the same inputs, or pass --restart to start over')
         else:
             with open(path + '.tmp', 'w') as f:
                 json.dump(fingerprint, f, sort_keys=True)
@@ -194,6 +195,10 @@ def _parts_dir(output: str, fingerprint: dict, rank: int, world: int, restart: b
     if world > 1:
         dist.barrier()
     return parts
+
+
+def chunk_path(parts: str, c: int) -> str:
+    return os.path.join(parts, f'chunk_{c:06d}.npz')
 
 
 def _save_chunk(path, records, topk, run):
@@ -222,7 +227,7 @@ class ChunkSource:
         return self._loaded[1][k * n:(k + 1) * n], self._loaded[2][k * n:(k + 1) * n]
 
     def name(self, index):
-        return os.path.join(self.parts, f'chunk_{index // self.chunk:06d}.npz')
+        return chunk_path(self.parts, index // self.chunk)
 
 
 class _NoReinforcements:
@@ -271,17 +276,103 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
         device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
     output_dir(output)
     check_output(output, [images_dir, *checkpoints])
-    lock = _group_lock(output, rank, world)
-    try:
-        return _reinforce(images_dir, output, settings, rank, world, device, teacher,
-                          checkpoints, pretrained, teacher_size, samples, topk, recipe, size, scale,
-                          ratio, ra_magnitude, chunk, batch_size, num_workers, storage, skip_bad,
-                          seed, restart)
-    finally:
-        if lock:
-            lock.__exit__(None, None, None)
+    with _group_lock(output, rank, world):
+        images = list_images(images_dir)
+        images, probes, skipped = readable(images, probe_images(images, storage.max_resolution,
+                                                                num_workers, skip_bad))
+        n = len(images.paths)
+        images = replace(images, indices=np.arange(n))  # chunks are indexed by position in the file
+        torch.set_num_threads(num_workers)  # importing FFCV sets it to 1
+        num_classes = images.num_classes  # without reinforcements: the labels' space
+        if samples:
+            model = load_teacher(teacher, checkpoints, pretrained, device, teacher_size)
+            probe = torch.zeros(1, size, size, 3, dtype=torch.uint8, device=device)
+            num_classes = int(model(probe).shape[-1])
+        rec = Recipe(num_samples=samples, topk=topk, num_classes=num_classes,
+                     ra_ops=settings.ra_ops, erase='+re' in recipe, mixing='+mix' in recipe, size=size,
+                     scale=scale, ratio=ratio, ra_magnitude=ra_magnitude, erase_p=settings.erase_p)
+        fresh = fresh_settings(rec)
+        layout, key = render_layout(rec), np.uint64(seed)
+        fingerprint = {'format': FORMAT_VERSION, 'settings': asdict(settings), 'image_count': n,
+                       'images': images_digest(images_dir, images.paths, images.labels),
+                       'checkpoints': [file_digest(c) for c in checkpoints]}
+        parts = _parts_dir(output, fingerprint, rank, world, restart)
+        run = digest(fingerprint)
+        chunks = (n + chunk - 1) // chunk if samples else 0  # without reinforcements, nothing to generate
+        mine = [c for c in range(chunks) if c % world == rank]
+        todo = [c for c in mine if not os.path.exists(chunk_path(parts, c))]
+        if len(todo) < len(mine):
+            print(f'rank {rank}: resuming, {len(mine) - len(todo)} of {len(mine)} chunks already done',
+                  flush=True)
+        bar = tqdm(total=sum(min(chunk, n - c * chunk) for c in todo) * world, unit='img',
+                   desc=f'reinforcing ({world} process{"es" if world > 1 else ""})', disable=rank != 0)
+        per_group = max(1, batch_size // max(1, samples))  # images rendered together: about one batch
+        began = time.perf_counter()
+        sizes = [probe[:2] for probe in probes]
+        spans = [(c, g, min(g + per_group, (c + 1) * chunk, n)) for c in todo
+                 for g in range(c * chunk, min((c + 1) * chunk, n), per_group)]
+        with ThreadPoolExecutor(num_workers) as pool, ThreadPoolExecutor(1) as ahead:
+            def load(i, sampled=True):
+                w, h, passthrough = probes[i]
+                payload, sw, sh, mode = stored_image(images.paths[i], i, w, h, passthrough, storage)
+                records = (sample_records(rec, settings, fresh, i, sizes, key) if sampled
+                           else np.zeros(samples, reinforcement_dtype(rec)))  # only its pixels are used
+                return _Image(i, payload, (w, h), (sw, sh), mode, records)
+
+            def prepare(start, stop):
+                """Images start..stop-1 with their sampled records, and their renders."""
+                group = list(pool.map(load, range(start, stop)))
+                pairs = {im.index: im for im in group}
+                wanted = sorted({int(p) for im in group for p in _pairs(im.records)} - pairs.keys())
+                pairs.update(zip(wanted, pool.map(lambda i: load(i, sampled=False), wanted)))
+                renders = np.empty((len(group) * samples, size, size, 3), np.uint8)
+
+                def draw(kj):
+                    im, j = group[kj // samples], kj % samples
+                    pair = _pairs(im.records[j:j + 1])
+                    im.render(j, pairs[int(pair[0])] if len(pair) else im, rec, layout, fresh, key,
+                              renders[kj])
+                list(pool.map(draw, range(len(renders))))
+                return group, renders
+
+            records, tops = [], []
+            pending = ahead.submit(prepare, *spans[0][1:]) if spans else None
+            for s, (c, _, _) in enumerate(spans):
+                group, renders = pending.result()
+                if s + 1 < len(spans):  # on a GPU the next group renders while the teacher runs
+                    pending = ahead.submit(prepare, *spans[s + 1][1:])
+                    if device == 'cpu':  # on the CPU the teacher needs every core
+                        pending.result()
+                values, ids = model.probs(torch.from_numpy(renders), batch_size, device).topk(topk, dim=-1)
+                top = np.zeros(len(renders), topk_dtype(rec))
+                top['prob'], top['cls'] = values.numpy().astype(np.float16), ids.numpy()
+                records += [im.records for im in group]
+                tops.append(top)
+                bar.update(len(group) * world)
+                if s + 1 == len(spans) or spans[s + 1][0] != c:
+                    _save_chunk(chunk_path(parts, c), np.concatenate(records),
+                                np.concatenate(tops), run)
+                    records, tops = [], []
+        bar.close()
+        elapsed = time.perf_counter() - began
+        if world > 1:
+            dist.barrier()
+        result = {'output': output, 'images': n, 'recipe': rec, 'seconds': elapsed, 'skipped': skipped}
+        if rank == 0:
+            scratch = scratch_dir(output)
+            try:
+                source = ChunkSource(parts, rec, chunk, run) if samples else _NoReinforcements(rec)
+                result.update(write_beton(output, images, probes, source, scratch, num_workers,
+                                          storage))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(parts)
+        if world > 1:
+            dist.barrier()
+        return result
 
 
+@contextlib.contextmanager
 def _group_lock(output, rank, world):
     """Rank 0 holds the output's lock for the whole torchrun group; when it
     cannot, every rank stops with its message."""
@@ -297,101 +388,8 @@ def _group_lock(output, rank, world):
         error = shared[0]
     if error:
         raise JobError(error)
-    return lock
-
-
-def _reinforce(images_dir, output, settings, rank, world, device, teacher, checkpoints,
-               pretrained, teacher_size, samples, topk, recipe, size, scale, ratio, ra_magnitude,
-               chunk, batch_size, num_workers, storage, skip_bad, seed, restart):
-    images = list_images(images_dir)
-    images, probes, skipped = readable(images, probe_images(images, storage.max_resolution,
-                                                            num_workers, skip_bad))
-    n = len(images.paths)
-    images = replace(images, indices=np.arange(n))  # chunks are indexed by position in the file
-    torch.set_num_threads(num_workers)  # importing FFCV sets it to 1
-    num_classes = images.num_classes  # without reinforcements: the labels' space
-    if samples:
-        model = load_teacher(teacher, checkpoints, pretrained, device, teacher_size)
-        num_classes = int(model(torch.zeros(1, size, size, 3, dtype=torch.uint8, device=device)).shape[-1])
-    rec = Recipe(num_samples=samples, topk=topk, num_classes=num_classes,
-                 ra_ops=settings.ra_ops, erase='+re' in recipe, mixing='+mix' in recipe, size=size,
-                 scale=scale, ratio=ratio, ra_magnitude=ra_magnitude, erase_p=settings.erase_p)
-    fresh = fresh_settings(rec)
-    layout, key = render_layout(rec), np.uint64(seed)
-    fingerprint = {'format': FORMAT_VERSION, 'settings': asdict(settings), 'image_count': n,
-                   'images': images_digest(images_dir, images.paths, images.labels),
-                   'checkpoints': [file_digest(c) for c in checkpoints]}
-    parts = _parts_dir(output, fingerprint, rank, world, restart)
-    run = digest(fingerprint)
-    chunks = (n + chunk - 1) // chunk if samples else 0  # without reinforcements, nothing to generate
-    mine = [c for c in range(chunks) if c % world == rank]
-    todo = [c for c in mine if not os.path.exists(os.path.join(parts, f'chunk_{c:06d}.npz'))]
-    if len(todo) < len(mine):
-        print(f'rank {rank}: resuming, {len(mine) - len(todo)} of {len(mine)} chunks already done',
-              flush=True)
-    bar = tqdm(total=sum(min(chunk, n - c * chunk) for c in todo) * world, unit='img',
-               desc=f'reinforcing ({world} process{"es" if world > 1 else ""})', disable=rank != 0)
-    per_group = max(1, batch_size // max(1, samples))  # images rendered together: about one batch
-    began = time.perf_counter()
-    sizes = [probe[:2] for probe in probes]
-    spans = [(c, g, min(g + per_group, (c + 1) * chunk, n)) for c in todo
-             for g in range(c * chunk, min((c + 1) * chunk, n), per_group)]
-    with ThreadPoolExecutor(num_workers) as pool, ThreadPoolExecutor(1) as ahead:
-        def load(i, sampled=True):
-            w, h, passthrough = probes[i]
-            payload, sw, sh, mode = stored_image(images.paths[i], i, w, h, passthrough, storage)
-            records = (sample_records(rec, settings, fresh, i, sizes, key) if sampled
-                       else np.zeros(samples, reinforcement_dtype(rec)))  # only its pixels are used
-            return _Image(i, payload, (w, h), (sw, sh), mode, records)
-
-        def prepare(start, stop):
-            """Images start..stop-1 with their sampled records, and their renders."""
-            group = list(pool.map(load, range(start, stop)))
-            pairs = {im.index: im for im in group}
-            wanted = sorted({int(p) for im in group for p in _pairs(im.records)} - pairs.keys())
-            pairs.update(zip(wanted, pool.map(lambda i: load(i, sampled=False), wanted)))
-            renders = np.empty((len(group) * samples, size, size, 3), np.uint8)
-
-            def draw(kj):
-                im, j = group[kj // samples], kj % samples
-                pair = _pairs(im.records[j:j + 1])
-                im.render(j, pairs[int(pair[0])] if len(pair) else im, rec, layout, fresh, key,
-                          renders[kj])
-            list(pool.map(draw, range(len(renders))))
-            return group, renders
-
-        records, tops = [], []
-        pending = ahead.submit(prepare, *spans[0][1:]) if spans else None
-        for s, (c, _, _) in enumerate(spans):
-            group, renders = pending.result()
-            if s + 1 < len(spans):  # on a GPU the next group renders while the teacher runs
-                pending = ahead.submit(prepare, *spans[s + 1][1:])
-                if device == 'cpu':  # on the CPU the teacher needs every core
-                    pending.result()
-            values, ids = model.probs(torch.from_numpy(renders), batch_size, device).topk(topk, dim=-1)
-            top = np.zeros(len(renders), topk_dtype(rec))
-            top['prob'], top['cls'] = values.numpy().astype(np.float16), ids.numpy()
-            records += [im.records for im in group]
-            tops.append(top)
-            bar.update(len(group) * world)
-            if s + 1 == len(spans) or spans[s + 1][0] != c:
-                _save_chunk(os.path.join(parts, f'chunk_{c:06d}.npz'), np.concatenate(records),
-                            np.concatenate(tops), run)
-                records, tops = [], []
-    bar.close()
-    elapsed = time.perf_counter() - began
-    if world > 1:
-        dist.barrier()
-    result = {'output': output, 'images': n, 'recipe': rec, 'seconds': elapsed, 'skipped': skipped}
-    if rank == 0:
-        scratch = scratch_dir(output)
-        try:
-            source = ChunkSource(parts, rec, chunk, run) if samples else _NoReinforcements(rec)
-            result.update(write_beton(output, images, probes, source, scratch, num_workers,
-                                      storage))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(parts)
-    if world > 1:
-        dist.barrier()
-    return result
+    try:
+        yield
+    finally:
+        if lock:
+            lock.__exit__(None, None, None)

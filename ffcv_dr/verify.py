@@ -89,9 +89,8 @@ def verify(path: str, workers: int = None) -> Report:
         report.add(kind, f'{path}: {message}')
     if unsound.all():
         return report
-    orig_sizes = np.stack([f.image_meta['orig_height'], f.image_meta['orig_width']], 1).astype(np.int64)
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        for problems in pool.map(lambda lo: _check_chunk(f, lo, min(lo + CHUNK, n), unsound, orig_sizes),
+        for problems in pool.map(lambda lo: _check_chunk(f, lo, min(lo + CHUNK, n), unsound),
                                  range(0, n, CHUNK)):
             for kind, message, sample in problems:
                 report.add(kind, f'{path}: {message}', sample)
@@ -99,7 +98,7 @@ def verify(path: str, workers: int = None) -> Report:
     return report
 
 
-def _check_chunk(f: BetonFile, lo: int, hi: int, unsound, orig_sizes) -> list:
+def _check_chunk(f: BetonFile, lo: int, hi: int, unsound) -> list:
     """The per-image checks, on the images whose structure :mod:`rules` passed."""
     problems = []
     r = f.recipe
@@ -123,7 +122,7 @@ def _check_chunk(f: BetonFile, lo: int, hi: int, unsound, orig_sizes) -> list:
             if problem or (w, h) != (im['width'], im['height']):
                 problems.append(('jpeg', f'image {i}: {problem or f"JPEG is {w}x{h}, metadata says "}'
                                          + ('' if problem else f'{im["width"]}x{im["height"]}'), i))
-        image_problems(block, top, layout, limits, r.topk, r.num_classes, i, orig_sizes, found)
+        image_problems(block, top, layout, limits, r.topk, r.num_classes, i, f.orig_sizes, found)
         for code in np.unique(found[found > 0]):
             j = int(np.flatnonzero(found == code)[0])
             problems.append((PROBLEMS[code], f'image {i} (reinforcement {j}): {PROBLEMS[code]} '
