@@ -334,9 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from .convert import ConvertError
+    from .jobs import JobError
     try:
         return args.run(args) or 0
-    except (ConvertError, ValueError, OSError) as e:
+    except (ConvertError, JobError, ValueError, OSError) as e:
         print(f'ffcv-dr {args.command}: error: {e}', file=sys.stderr)
         return 1
 

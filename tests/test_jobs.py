@@ -79,6 +79,15 @@ def test_an_output_over_an_input_is_refused_before_any_work(tmp_path, which):
     assert (open(victim, 'rb').read() if os.path.exists(victim) else None) == before
 
 
+def test_the_cli_says_why_in_one_line(tmp_path, capsys):
+    from ffcv_dr.cli import main
+    images = _folder(tmp_path / 'images', [os.path.join(IMAGES, 'n01440764', 'n01440764_tench.JPEG')])
+    assert main(['convert', images, os.path.join(images, 'x.beton'), '--mldr', RANDAUG]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('ffcv-dr convert: error: ') and 'written inside the input' in err
+    assert 'Traceback' not in err
+
+
 def test_a_second_job_on_one_output_fails_at_once_naming_the_holder(tmp_path):
     from ffcv_dr.convert import list_images
     images = _folder(tmp_path / 'images', list_images(IMAGES).paths[:4])
