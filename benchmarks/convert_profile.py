@@ -16,6 +16,7 @@ import numpy as np
 from ffcv_dr.bench import write_mldr_folder
 from ffcv_dr.beton import BetonFile
 from ffcv_dr.mldr import ImageSizes, _pickle_bytes, load_pickle, parse_file, parse_sample
+from ffcv_dr.mldr_limits import sample_limits
 from ffcv_dr.mldr_pickle import read_views
 
 
@@ -37,21 +38,22 @@ def main():
     args = parser.parse_args()
     f = BetonFile(args.beton)
     r, n = f.recipe, len(f)
+    limits = sample_limits(r.num_samples, r.topk)
     sizes = ImageSizes(f.image_meta['orig_width'].astype(np.int64), f.image_meta['orig_height'].astype(np.int64))
     with tempfile.TemporaryDirectory() as tmp:
         _, mldr = write_mldr_folder(f, tmp)
         names = [os.path.join(mldr, f'{i}.pth.tar') for i in range(n)]
         files = [open(p, 'rb').read() for p in names]
-        pickles = [_pickle_bytes(d, p) for d, p in zip(files, names)]
+        pickles = [_pickle_bytes(d, p, limits) for d, p in zip(files, names)]
         items = list(range(n))
         stages = {
             'read the file': lambda i: open(names[i], 'rb').read(),
-            'unzip (zipfile)': lambda i: _pickle_bytes(files[i], names[i]),
+            'unzip (zipfile)': lambda i: _pickle_bytes(files[i], names[i], limits),
             'compiled reader (read_views)': lambda i: read_views(pickles[i], r.ra_ops, r.topk),
             'all of parse_file, from the bytes': lambda i: parse_file(files[i], i, r, sizes, names[i]),
-            'restricted unpickler': lambda i: load_pickle(files[i], names[i]),
+            'restricted unpickler': lambda i: load_pickle(files[i], names[i], limits),
             'unpickler + parse_sample (fallback)':
-                lambda i: parse_sample(load_pickle(files[i], names[i]), i, r, sizes, names[i]),
+                lambda i: parse_sample(load_pickle(files[i], names[i], limits), i, r, sizes, names[i]),
         }
         print(f'{n} files of {r.num_samples} reinforcements, {np.mean([len(d) for d in files]) / 1e3:.0f} KB '
               'each on average, one core')

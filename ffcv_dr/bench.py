@@ -51,6 +51,7 @@ from .beton import BetonFile
 from .convert import WRITER_CHUNK
 from .format import RA_OPS, STORED_JPEG
 from .mldr import load_pickle
+from .mldr_limits import sample_limits
 from .pipelines import epoch_rate, epoch_rates, image_stages
 
 _imdecode = nb.njit(nogil=True)(imdecode)
@@ -176,10 +177,11 @@ class MldrStyleDataset(torch.utils.data.Dataset):
     torchvision on the PIL image (ml-dr's own transforms), then ToTensor,
     erase, Normalize, and densify the top-k ('smooth')."""
 
-    def __init__(self, images, mldr, num_classes, size):
+    def __init__(self, images, mldr, recipe, size):
         from torchvision.datasets import ImageFolder
         self.samples = ImageFolder(images).samples
-        self.mldr, self.num_classes, self.size = mldr, num_classes, size
+        self.mldr, self.num_classes, self.size = mldr, recipe.num_classes, size
+        self.limits = sample_limits(recipe.num_samples, recipe.topk)
 
     def __len__(self):
         return len(self.samples)
@@ -190,7 +192,7 @@ class MldrStyleDataset(torch.utils.data.Dataset):
         from torchvision.transforms.autoaugment import _apply_op
         path = os.path.join(self.mldr, f'{i}.pth.tar')
         with open(path, 'rb') as fp:  # ml-dr calls torch.load; the same unpickling, made safe
-            _, samples = load_pickle(fp.read(), path)
+            _, samples = load_pickle(fp.read(), path, self.limits)
         s = samples[np.random.randint(len(samples))]
         (top, left, h, w), flip, ra, erase = s['params']
         img = Image.open(self.samples[i][0]).convert('RGB')
@@ -304,7 +306,7 @@ def run(beton: str, out_dir: str, workers: int = None, batch_size: int = 64,
         res['peak_rss'] = _rss()[1]
         res['rates']['A_full_decode'] = full_decode_rate(f, workers, repeats)
         for size in sizes:
-            dataset = MldrStyleDataset(images, mldr, f.recipe.num_classes, size)
+            dataset = MldrStyleDataset(images, mldr, f.recipe, size)
             res['rates'][f'D@{size}'] = epoch_rates(torch.utils.data.DataLoader(
                 dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
                 persistent_workers=True), repeats)

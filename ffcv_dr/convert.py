@@ -31,8 +31,9 @@ from .fields.reinforced_image import render_layout
 from .format import HAS_PAIR, bytes_per_reinforcement, reinforcement_dtype, topk_dtype
 from .jobs import OutputLock, check_output, regular_file, scratch_dir
 from .jpeg import check_jpeg, jpeg_header
-from .mldr import (CONFIG_NAME, ImageSizes, MldrDirectory, MldrError, check_indices,
-                   member_index, iter_tar, load_pickle, parse_file, recipe_from_config)
+from .mldr import (ImageSizes, MldrDirectory, MldrError, check_indices, member_index, iter_tar,
+                   load_pickle, parse_file, recipe_from_config)
+from .mldr_limits import CONFIG_LIMITS, sample_limits
 from .mldr_pickle import compile_here
 from .rules import describe, first_problem, magnitude_limits
 from .storage import Storage, stored_image
@@ -151,10 +152,9 @@ class TarSource:
 
     def __init__(self, path, num_images, num_classes, sizes, scratch, workers):
         config = None
-        for name, data in iter_tar(path):
-            if CONFIG_NAME.search(name):
-                config = load_pickle(data, f'{path}:{name}')
-                break
+        for name, data in iter_tar(path, CONFIG_LIMITS, config_only=True):
+            config = load_pickle(data, f'{path}:{name}', CONFIG_LIMITS)
+            break
         if config is None:
             raise MldrError(f'{path}: the archive holds no config.pth.tar')
         self.config = config
@@ -169,10 +169,8 @@ class TarSource:
         self.names = {}
 
         def members():
-            for name, data in iter_tar(path):
+            for name, data in iter_tar(path, sample_limits(self.recipe.num_samples, self.recipe.topk)):
                 index = member_index(name)
-                if index is None:
-                    continue
                 where = f'{path}:{name}'
                 if index >= num_images:
                     raise MldrError(f'{where}: index {index}, but the image folder has only {num_images} images')
@@ -210,9 +208,10 @@ class DirectorySource:
         self.recipe = recipe_from_config(self.config, os.path.join(path, 'config.pth.tar'),
                                          num_classes)
         self.sizes = sizes
+        self.limits = sample_limits(self.recipe.num_samples, self.recipe.topk)
 
     def get(self, index):
-        data, name = self.directory.read(index)
+        data, name = self.directory.read(index, self.limits)
         return parse_file(data, index, self.recipe, self.sizes, name)
 
     def name(self, index):

@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import re
+import reprlib
 import tarfile
 import zipfile
 import zlib
@@ -24,10 +25,14 @@ from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
                      RA_OPS, Recipe, reinforcement_dtype, topk_dtype)
 from .jobs import regular_file
 from .mldr_checks import store_views, topk_unfit
+from .mldr_limits import CONFIG_LIMITS, Limits, check_pickle, sample_limits
 from .mldr_pickle import read_views
 
 SAMPLE_NAME = re.compile(r'(?:^|/)(\d+)\.pth\.tar$')
 CONFIG_NAME = re.compile(r'(?:^|/)config\.pth\.tar$')
+
+# A torch.save zip around a pickle: a few small members, headers, padding.
+ZIP_OVERHEAD = 64 << 10
 
 _ALLOWED_DTYPES = set('?bBhHiIlLqQefdg') | {'b1', 'i1', 'i2', 'i4', 'i8', 'u1', 'u2', 'u4',
                                             'u8', 'f2', 'f4', 'f8'}
@@ -80,23 +85,48 @@ _ALLOWED_GLOBALS = {
 }
 
 
-def _pickle_bytes(data: bytes, name: str) -> bytes:
-    """The pickle inside a ``torch.save`` zip (or ``data`` itself, a bare pickle)."""
+def _shown(value) -> str:
+    """``value`` for an error message: a hostile file's value can be huge."""
+    return reprlib.repr(value)
+
+
+def file_limit(limits: Limits) -> int:
+    """The most bytes a file (or archive member) holding such a pickle may have."""
+    return limits.bytes + ZIP_OVERHEAD
+
+
+def _pickle_bytes(data: bytes, name: str, limits: Limits) -> bytes:
+    """The pickle inside a ``torch.save`` zip (or ``data`` itself, a bare
+    pickle); the zip's declared sizes are checked before anything is inflated."""
+    if len(data) > file_limit(limits):
+        raise MldrError(f'{name}: refused: {len(data)} bytes, more than the {file_limit(limits)} '
+                        'an ml-dr file of this recipe can need (the limit)')
     if data[:4] != b'PK\x03\x04':
         return data
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            pkls = [n for n in zf.namelist() if n.endswith('data.pkl')]
+            pkls = [i for i in zf.infolist() if i.filename.endswith('data.pkl')]
             if len(pkls) != 1:
                 raise MldrError(f'{name}: not a torch.save archive (no single data.pkl)')
+            if pkls[0].file_size > limits.bytes:
+                raise MldrError(f'{name}: refused: {pkls[0].filename} declares {pkls[0].file_size} '
+                                f'bytes, more than the {limits.bytes} an ml-dr pickle of this '
+                                'recipe can need (the limit)')
             return zf.read(pkls[0])
+    except MldrError:
+        raise
     except (zipfile.BadZipFile, EOFError, ValueError, KeyError, zlib.error) as e:
         raise MldrError(f'{name}: unreadable ml-dr file ({type(e).__name__}: {e})') from None
 
 
-def load_pickle(data: bytes, name: str):
-    """Unpickle a ``torch.save`` zip (or a bare pickle) with the restricted unpickler."""
-    data = _pickle_bytes(data, name)
+def load_pickle(data: bytes, name: str, limits: Limits, unzipped: bool = False):
+    """Unpickle a ``torch.save`` zip (or a bare pickle, or with ``unzipped`` the
+    pickle of one) with the restricted unpickler, once it is within ``limits``."""
+    if not unzipped:
+        data = _pickle_bytes(data, name, limits)
+    problem = check_pickle(data, limits)
+    if problem:
+        raise MldrError(f'{name}: refused: the pickle {problem}')
     try:
         return _RestrictedUnpickler(io.BytesIO(data), name).load()
     except MldrError:
@@ -156,7 +186,7 @@ def _numbers(values, shape, kinds, what, name, rows):
             if one.shape != shape[1:] or not all(
                     isinstance(x, bool if kinds == 'b' else (int, np.integer) if kinds == 'iu'
                                else (int, float, np.integer, np.floating)) for x in one.reshape(-1)):
-                raise MldrError(f'{name} (reinforcement {j}): {what}, got {v!r}')
+                raise MldrError(f'{name} (reinforcement {j}): {what}, got {_shown(v)}')
         raise MldrError(f'{name}: {what}')
     return arr
 
@@ -183,7 +213,7 @@ def _view_arrays(views, rows, recipe, name) -> Views:
     errors name the first reinforcement (from ``rows``) of the wrong shape or type."""
     for j, v in zip(rows, views):
         if not isinstance(v, (list, tuple)) or len(v) != 4:
-            raise MldrError(f'{name} (reinforcement {j}): params must be [rrc, flip, ra, re], got {v!r}')
+            raise MldrError(f'{name} (reinforcement {j}): params must be [rrc, flip, ra, re], got {_shown(v)}')
     n = len(rows)
     crops = _numbers([v[0] for v in views], (n, 4), 'iu',
                      'RandomResizedCrop box must be 4 integers (top, left, height, width)', name, rows)
@@ -268,17 +298,17 @@ def _fill_mixing(records, params, recipe, sizes: ImageSizes, name):
         mix_flags = HAS_PAIR if pair is not None else 0
         if mixup is not None:
             if not _finite(mixup):
-                raise MldrError(f'{name} (reinforcement {j}): MixUp lambda must be a number, got {mixup!r}')
+                raise MldrError(f'{name} (reinforcement {j}): MixUp lambda must be a number, got {_shown(mixup)}')
             rec['mixup_lam'] = float(mixup)
             mix_flags |= HAS_MIXUP
         if cutmix is not None:
             if (not isinstance(cutmix, (list, tuple)) or len(cutmix) != 5 or not _finite(cutmix[0])
                     or not all(isinstance(v, (int, np.integer)) for v in cutmix[1:])):
                 raise MldrError(f'{name} (reinforcement {j}): CutMix must be [lam, r1, c1, r2, c2], '
-                                f'got {cutmix!r}')
+                                f'got {_shown(cutmix)}')
             r1, c1, r2, c2 = (int(v) for v in cutmix[1:])
             if not all(0 <= v <= 65535 for v in (r1, c1, r2, c2)):
-                raise MldrError(f'{name} (reinforcement {j}): CutMix box {cutmix[1:]!r} lies outside '
+                raise MldrError(f'{name} (reinforcement {j}): CutMix box {_shown(cutmix[1:])} lies outside '
                                 f'the {recipe.size}px output')
             rec['cutmix_lam'] = float(cutmix[0])
             rec['cutmix_box'] = (r1, c1, r2, c2)
@@ -290,12 +320,12 @@ def parse_file(data: bytes, expected_index: int, recipe: Recipe, sizes: ImageSiz
     """:func:`parse_sample` of the file's bytes ``data``, read by the compiled
     reader where it knows the layout; otherwise (and for every error message)
     unpickled first."""
-    if recipe.mixing:
-        return parse_sample(load_pickle(data, name), expected_index, recipe, sizes, name)
-    data = _pickle_bytes(data, name)  # unzipped once, for either reader
-    views = read_views(data, recipe.ra_ops, recipe.topk)
+    limits = sample_limits(recipe.num_samples, recipe.topk)
+    data = _pickle_bytes(data, name, limits)  # unzipped once, for either reader
+    views = None if recipe.mixing else read_views(data, recipe.ra_ops, recipe.topk)
     if views is None:
-        return parse_sample(load_pickle(data, name), expected_index, recipe, sizes, name)
+        return parse_sample(load_pickle(data, name, limits, unzipped=True), expected_index, recipe,
+                            sizes, name)
     index, crops, flips, has_ra, ra, has_re, erase, values, ids = views
     _check_header(index, len(crops), expected_index, recipe, name)
     records = np.zeros(recipe.num_samples, reinforcement_dtype(recipe))
@@ -306,7 +336,7 @@ def parse_file(data: bytes, expected_index: int, recipe: Recipe, sizes: ImageSiz
 
 def _check_header(index, count, expected_index, recipe, name):
     if not isinstance(index, (int, np.integer)) or int(index) != expected_index:
-        raise MldrError(f'{name}: holds index {index!r}, expected {expected_index}')
+        raise MldrError(f'{name}: holds index {_shown(index)}, expected {expected_index}')
     if count != recipe.num_samples:
         raise MldrError(f'{name}: has {count} reinforcements, the config says {recipe.num_samples}')
 
@@ -370,8 +400,8 @@ class MldrDirectory:
         config = os.path.join(path, 'config.pth.tar')
         if not os.path.isfile(config):
             raise MldrError(f'{config}: missing (an ml-dr reinforced_data directory has one)')
-        with open(config, 'rb') as f:
-            self.config = load_pickle(f.read(), config)
+        self.config = load_pickle(read_bounded(config, file_limit(CONFIG_LIMITS)), config,
+                                  CONFIG_LIMITS)
         found = set()
         for entry in os.listdir(path):
             i = member_index(entry)
@@ -382,11 +412,22 @@ class MldrDirectory:
     def name(self, index: int) -> str:
         return os.path.join(self.path, f'{index}.pth.tar')
 
-    def read(self, index: int):
-        """(bytes, path) of image ``index``'s file."""
-        name = regular_file(self.name(index))
-        with open(name, 'rb') as f:
-            return f.read(), name
+    def read(self, index: int, limits: Limits):
+        """(bytes, path) of image ``index``'s file, refused when larger than
+        a file within ``limits`` can be."""
+        name = self.name(index)
+        return read_bounded(name, file_limit(limits)), name
+
+
+def read_bounded(path: str, max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path``, refused unread when over ``max_bytes``."""
+    regular_file(path)
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise MldrError(f'{path}: refused: {size} bytes, more than the {max_bytes} an ml-dr file '
+                        'of this recipe can need (the limit)')
+    with open(path, 'rb') as f:
+        return f.read(max_bytes + 1)
 
 
 def check_indices(found, num_images, where):
@@ -400,10 +441,11 @@ def check_indices(found, num_images, where):
                         f'{num_images} images')
 
 
-def iter_tar(path: str):
-    """Yield (member name, bytes) of an ml-dr ``.tar``/``.tar.gz`` as a stream.
-
-    Nothing is extracted; members whose path escapes the archive are refused."""
+def iter_tar(path: str, limits: Limits, config_only: bool = False):
+    """Yield (member name, bytes) of the reinforcement files (or with
+    ``config_only``, the config) in an ml-dr ``.tar``/``.tar.gz``, read as a
+    stream. Nothing is extracted; members whose path escapes the archive, or
+    that declare more bytes than a file within ``limits`` can have, are refused."""
     try:
         with tarfile.open(path, mode='r|*') as tar:
             for member in tar:
@@ -412,8 +454,12 @@ def iter_tar(path: str):
                 parts = member.name.split('/')
                 if member.name.startswith('/') or '..' in parts:
                     raise MldrError(f'{path}: refused member {member.name!r}: path outside the archive')
-                if member_index(member.name) is None and not CONFIG_NAME.search(member.name):
+                if not (CONFIG_NAME.search(member.name) if config_only else SAMPLE_NAME.search(member.name)):
                     continue
+                if member.size > file_limit(limits):
+                    raise MldrError(f'{path}:{member.name}: refused: declares {member.size} bytes, more '
+                                    f'than the {file_limit(limits)} an ml-dr file of this recipe can '
+                                    'need (the limit)')
                 yield member.name, tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise MldrError(f'{path}: unreadable archive ({type(e).__name__}: {e})') from None

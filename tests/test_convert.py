@@ -13,6 +13,7 @@ from ffcv_dr.cli import main
 from ffcv_dr.convert import ConvertError, convert, list_images
 from ffcv_dr.format import RA_OPS, Recipe, bytes_per_reinforcement
 from ffcv_dr.mldr import MldrError, load_pickle
+from ffcv_dr.mldr_limits import sample_limits
 
 pytestmark = needs_shared
 
@@ -82,7 +83,7 @@ def test_pickle_that_runs_code_is_refused_and_does_not_run(tmp_path):
     evil = _RunsCode()
     evil.marker = marker
     with pytest.raises(MldrError, match=r'evil\.pth\.tar: refused.*(posix|os)\.system'):
-        load_pickle(pickle.dumps((0, [evil])), 'evil.pth.tar')
+        load_pickle(pickle.dumps((0, [evil])), 'evil.pth.tar', sample_limits(1, 1))
     mldr = link_mldr_copy(tmp_path / 'reinforced_data', RANDAUG)
     write_torch_file(os.path.join(mldr, '3.pth.tar'), (3, [evil]))
     out = tmp_path / 'out.beton'
