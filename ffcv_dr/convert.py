@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
 import multiprocessing as mp
 import os
 import queue
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from .fields import ReinforcedImageField, SoftTargetField
 from .fields.reinforced_image import render_layout
 from .format import HAS_PAIR, bytes_per_reinforcement, reinforcement_dtype, topk_dtype
-from .jobs import OutputLock, check_output, regular_file, scratch_dir
+from .jobs import OutputLock, check_output, disk_full, is_disk_full, regular_file, scratch_dir
 from .jpeg import check_jpeg, jpeg_header
 from .mldr import (ImageSizes, MldrDirectory, MldrError, check_indices, member_index, iter_tar,
                    load_pickle, parse_file, recipe_from_config)
@@ -41,6 +42,9 @@ from .storage import Storage, stored_image
 
 class ConvertError(RuntimeError):
     """Conversion failed; nothing was written at the output path."""
+
+
+_FORK = mp.get_context('fork')  # workers inherit what they read (samples, shared memory, compiled code)
 
 
 @dataclass
@@ -180,7 +184,7 @@ class TarSource:
                 self.names[index] = where
                 yield where, data, index
 
-        with mp.get_context('fork').Pool(workers, _init_parse, (self.recipe, sizes)) as pool, \
+        with _FORK.Pool(workers, _init_parse, (self.recipe, sizes)) as pool, \
                 tqdm(total=num_images, desc='reading ml-dr archive', unit='img') as bar:
             for index, records, topk, error in pool.imap_unordered(_parse_member, members(), chunksize=64):
                 if error:
@@ -220,12 +224,14 @@ class DirectorySource:
 
 class _Samples:
     """What FFCV's writer workers index. A worker that raises makes FFCV's writer
-    wait forever, so failures are recorded in ``error_path`` and a placeholder is
-    written instead; the caller checks the file and discards the output."""
+    wait forever, so failures are sent to the main process (a queue, not a
+    file: the disk may be full) and a placeholder is written instead; the
+    caller then discards the output."""
 
-    def __init__(self, images: ImageList, probes, source, storage: Storage, error_path, output):
+    def __init__(self, images: ImageList, probes, source, storage: Storage, output):
         self.images, self.probes, self.source = images, probes, source
-        self.storage, self.error_path, self.output = storage, error_path, output
+        self.storage, self.output = storage, output
+        self.errors, self.failed = _FORK.SimpleQueue(), _FORK.Event()
         recipe = source.recipe
         self.position = None  # ImageFolder index -> position in the file, where images were skipped
         if recipe.mixing and len(images.indices) and images.indices[-1] != len(images.indices) - 1:
@@ -241,9 +247,15 @@ class _Samples:
     def __len__(self):
         return len(self.images.paths)
 
-    def fail(self, message: str):
-        with open(self.error_path, 'a') as f:
-            f.write(message.replace('\n', ' ') + '\n')
+    def fail(self, message: str, disk_full: bool = False):
+        """Record why the write fails (first caller only: the queue is a pipe)."""
+        if not self.failed.is_set():
+            self.failed.set()
+            self.errors.put((message.replace('\n', ' '), disk_full))
+
+    def failure(self):
+        """(message, disk full) of the first failure, or None."""
+        return None if self.errors.empty() else self.errors.get()
 
     def check(self, i, records, topk):
         """Refuse what the loader would not replay (:mod:`ffcv_dr.rules`), naming the source."""
@@ -257,7 +269,7 @@ class _Samples:
 
     def __getitem__(self, i):
         label = int(self.images.labels[i])
-        if not os.path.exists(self.error_path):
+        if not self.failed.is_set():
             try:
                 records, topk = self.source.get(int(self.images.indices[i]))
                 if self.position is not None:
@@ -271,7 +283,7 @@ class _Samples:
                 return (payload, width, height, w, h, mode, records), (label, topk), label
             except Exception as e:  # noqa: BLE001 -- see the class docstring
                 self.fail(str(e) if isinstance(e, MldrError) else
-                          f'{self.images.paths[i]}: {type(e).__name__}: {e}')
+                          f'{self.images.paths[i]}: {type(e).__name__}: {e}', is_disk_full(e))
         records, topk = self.placeholder
         return (np.zeros(0, np.uint8), 1, 1, 1, 1, 0, records), (label, topk), label
 
@@ -282,6 +294,9 @@ class _Writer(DatasetWriter):
       process, which FFCV leaves waiting forever;
     - a worker that dies (killed) stops the write instead of hanging it;
     - workers write their pages without waiting for each other (:class:`_Pages`);
+    - the samples' metadata lives in anonymous shared memory, which the kernel
+      frees however the processes end (FFCV's named segment in /dev/shm
+      outlives a killed job);
     - the main process waits on the workers' results instead of checking a
       counter every 0.1 s, which cost every file 0.1-0.2 s."""
 
@@ -292,14 +307,17 @@ class _Writer(DatasetWriter):
     def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
         self.num_samples = num_samples
         self.prepare()
-        work, results = mp.Queue(), mp.Queue()
+        self.metadata_sm.close()   # FFCV's named segment, swapped at once for an anonymous one
+        self.metadata_sm.unlink()
+        self.metadata_sm = _AnonymousMemory(num_samples * self.metadata_type.itemsize)
+        work, results = _FORK.Queue(), _FORK.Queue()
         for item in list(queue_content) + [None] * self.num_workers:
             work.put(item)
-        done = mp.Value(ctypes.c_uint64, 0)
+        done = _FORK.Value(ctypes.c_uint64, 0)
         allocator = _Pages(self.fname, self.data_region_start, self.page_size)
         args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, results,
                 *extra_worker_args)
-        workers = [mp.Process(target=work_fn, args=args) for _ in range(self.num_workers)]
+        workers = [_FORK.Process(target=work_fn, args=args) for _ in range(self.num_workers)]
         for w in workers:
             w.start()
         allocations, finished = [], 0
@@ -321,8 +339,6 @@ class _Writer(DatasetWriter):
             for w in workers:
                 if w.is_alive():
                     w.terminate()
-            self.metadata_sm.close()
-            self.metadata_sm.unlink()
 
 
 def _writer_job(input_queue, metadata_sm, metadata_type, fields, allocator, done_number,
@@ -331,8 +347,17 @@ def _writer_job(input_queue, metadata_sm, metadata_type, fields, allocator, done
         worker_job_indexed_dataset(input_queue, metadata_sm, metadata_type, fields, allocator,
                                    done_number, allocations_queue, samples)
     except Exception as e:  # noqa: BLE001 -- recorded, and the caller raises ConvertError
-        samples.fail(f'{samples.output}: writing failed ({type(e).__name__}: {e})')
+        samples.fail(f'{samples.output}: writing failed ({type(e).__name__}: {e})', is_disk_full(e))
         allocations_queue.put([])  # the main process waits for one result per worker
+
+
+class _AnonymousMemory:
+    """Shared memory as FFCV's writer uses it (``.buf``), mapped anonymously:
+    forked workers share it and nothing outlives the processes."""
+
+    def __init__(self, size: int):
+        self._map = mmap.mmap(-1, max(size, 1))
+        self.buf = memoryview(self._map)[:size]
 
 
 class _Pages(MemoryAllocator):
@@ -362,7 +387,7 @@ class _Pages(MemoryAllocator):
 def _check_free_space(output, scratch, images, probes, recipe, num_workers, storage: Storage):
     """Refuse to start a file that cannot fit: FFCV's writer would fail half-way.
     Re-encoded images are counted at their original file size, raw ones at
-    their pixels' (those of ``proportion`` too: an upper bound)."""
+    their pixels' (those of ``proportion`` too: an upper bound). Returns that estimate."""
     raw = storage.write_mode in ('raw', 'proportion', 'smart')
     need = sum(3 * np.prod(storage.stored_size(*p[:2])) if raw else os.path.getsize(path)
                for path, p in zip(images.paths, probes)) + len(images.paths) * (
@@ -371,6 +396,7 @@ def _check_free_space(output, scratch, images, probes, recipe, num_workers, stor
     if need > free:
         raise ConvertError(f'{output}: needs about {need / 1e9:.2f} GB, but only {free / 1e9:.2f} GB '
                            f'are free on {os.path.dirname(os.path.abspath(output))}')
+    return int(need)
 
 
 POOL_MIN_IMAGES = 2000
@@ -383,7 +409,7 @@ def probe_images(images: ImageList, max_resolution, num_workers, skip_bad: bool 
     work = [(p, max_resolution) for p in images.paths]
     # A header takes ~60 us to read; starting a pool (forking a process that
     # has torch loaded) ~0.1 s: small folders are read faster in-process.
-    pool = mp.get_context('fork').Pool(num_workers) if len(work) > POOL_MIN_IMAGES else None
+    pool = _FORK.Pool(num_workers) if len(work) > POOL_MIN_IMAGES else None
     try:
         probes = []
         for path, probe, error in tqdm(pool.imap(_probe_image, work, chunksize=64) if pool else
@@ -423,20 +449,25 @@ def write_beton(output, images: ImageList, probes, source, scratch, num_workers,
     ``source.get(i)`` gives image i's (reinforcement records, top-k records)."""
     tmp_output = os.path.join(scratch, os.path.basename(output))
     recipe = source.recipe
-    error_path = os.path.join(scratch, 'errors.txt')
-    _check_free_space(output, scratch, images, probes, recipe, num_workers, storage)
+    need = _check_free_space(output, scratch, images, probes, recipe, num_workers, storage)
     writer = _Writer(tmp_output, {'image': ReinforcedImageField(recipe),
                                   'target': SoftTargetField(recipe),
                                   'label': IntField()}, num_workers=num_workers)
+    samples = _Samples(images, probes, source, storage, output)
     try:
-        writer.write(_Samples(images, probes, source, storage, error_path, output))
+        writer.write(samples)
+        failure = samples.failure()
     except OSError as e:
-        raise ConvertError(f'{output}: writing failed ({type(e).__name__}: {e})') from None
-    if os.path.exists(error_path):
-        with open(error_path) as f:
-            errors = f.read().splitlines()
-        more = f' (and {len(errors) - 1} more)' if len(errors) > 1 else ''
-        raise ConvertError(errors[0] + more)
+        failure = f'{output}: writing failed ({type(e).__name__}: {e})', is_disk_full(e)
+    if failure:
+        message, full = failure
+        if full:  # the estimate less what was written; the partial file goes, to free its space
+            written = 0
+            if os.path.exists(tmp_output):
+                written = os.stat(tmp_output).st_blocks * 512
+                os.remove(tmp_output)
+            message = disk_full(output, scratch, max(need - written, 1))
+        raise ConvertError(message)
     os.replace(tmp_output, output)
     return {'output': output, 'images': len(images.paths), 'recipe': recipe,
             'class_space': images.class_space, 'storage': storage,

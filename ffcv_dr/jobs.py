@@ -3,6 +3,7 @@ outputs that never touch inputs, one job per output, inputs that are regular
 files, and the fingerprint a resumed run must match."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import hashlib
@@ -92,6 +93,34 @@ def scratch_dir(output: str) -> str:
     for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + '*')):
         shutil.rmtree(stale, ignore_errors=True)
     return tempfile.mkdtemp(prefix=prefix, dir=folder)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def device_of(path: str) -> str:
+    """The device holding ``path`` and where it is mounted, for messages."""
+    mount = os.path.realpath(path)
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    device = None
+    try:
+        with open('/proc/self/mounts') as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 1 and fields[1] == mount:
+                    device = fields[0]  # the last mount on a point is the visible one
+    except OSError:
+        pass
+    return f'{device or "the device"} (mounted on {mount})'
+
+
+def disk_full(output: str, folder: str, still_needed: int) -> str:
+    """One line for a write that ran out of space: what, where, and how much more."""
+    free = shutil.disk_usage(folder).free
+    return (f'{output}: the disk is full: {device_of(folder)} has {free:,} bytes free and the job '
+            f'needs about {still_needed:,} more; free some space and run it again')
 
 
 def file_digest(path: str) -> str:

@@ -2,6 +2,7 @@
 naming the file and the problem, leaving nothing half-written behind."""
 import io
 import os
+import re
 import resource
 import shutil
 import signal
@@ -353,8 +354,13 @@ def _cli(args, **kw):
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
+def _segments():
+    return {n for n in os.listdir('/dev/shm') if n.startswith('psm_')} if os.path.isdir('/dev/shm') else set()
+
+
 def test_a_killed_convert_leaves_no_file_that_looks_finished(tmp_path):
     out = tmp_path / 'killed.beton'
+    segments = _segments()
     proc = _cli(['convert', IMAGES, str(out), '--mldr', RANDAUG, '--workers', '2'])
     deadline, writing = time.time() + 120, []
     while time.time() < deadline and not writing:  # kill as soon as the writer starts
@@ -365,6 +371,7 @@ def test_a_killed_convert_leaves_no_file_that_looks_finished(tmp_path):
     proc.communicate()
     assert writing and proc.returncode == -signal.SIGKILL
     assert not out.exists()  # only a hidden scratch folder may remain
+    assert _segments() <= segments  # no shared memory left in /dev/shm (FFCV's writer leaves one)
     assert all(n.startswith('.ffcv-dr-') for n in os.listdir(tmp_path))
     convert(IMAGES, str(out), RANDAUG, num_workers=2)  # the same command again just works
     assert verify(str(out)).ok
@@ -390,6 +397,30 @@ def test_disk_filling_up_during_the_write_stops_with_a_message(tmp_path):
     assert f'{out}: writing failed' in err and 'File too large' in err
     assert 'Traceback' not in err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_is_one_line_naming_the_output_the_device_and_the_bytes_needed(tmp_path):
+    """A real full disk (ENOSPC) half-way through the write, on a 24 MB tmpfs
+    mounted in a private mount namespace: one line, nothing left behind."""
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    script = (f'mount -t tmpfs -o size=24m ffcv-dr-test-disk {disk} || exit 77; '
+              f'{sys.executable} -c "import ffcv_dr.convert as c, ffcv_dr.cli as cli, sys; '
+              f'c._check_free_space = lambda *a: 150 << 20; sys.exit(cli.main(sys.argv[1:]))" '
+              f'convert {IMAGES} {disk}/x.beton --mldr {RANDAUG} --workers 2; '
+              f'echo "exit $?"; ls -A {disk}')
+    if not shutil.which('unshare'):
+        pytest.skip('needs unshare(1) to mount a small disk')
+    proc = subprocess.run(['unshare', '--mount', '--propagation', 'private', 'sh', '-c', script],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode == 77 or 'unshare failed' in proc.stderr:
+        pytest.skip(f'cannot mount a small disk here: {proc.stderr.strip()[-200:]}')
+    errors = [line for line in proc.stderr.splitlines() if 'img/s' not in line and line.strip()]
+    assert len(errors) == 1, proc.stderr  # no tracebacks from the writer processes
+    assert errors == [f'ffcv-dr convert: error: {disk}/x.beton: the disk is full: ffcv-dr-test-disk '
+                      f'(mounted on {disk}) has ' + errors[0].split(' has ')[1]], proc.stderr
+    assert re.search(r'has [\d,]+ bytes free and the job needs about [\d,]+ more', errors[0])
+    assert proc.stdout.split() == ['exit', '1']  # and the disk holds nothing
 
 
 def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
