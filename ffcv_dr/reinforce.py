@@ -32,8 +32,8 @@ from tqdm import tqdm
 from .convert import (ConvertError, list_images, output_dir, probe_images, readable,
                       write_beton)
 from .fields.reinforced_image import fresh_settings, render, render_layout, temp_size
-from .jobs import (JobError, OutputLock, changed, check_output, digest, file_digest,
-                   images_digest, scratch_dir)
+from .jobs import (JobError, OutputLock, changed, check_output, digest, disk_full, file_digest,
+                   images_digest, is_disk_full, scratch_dir)
 from .format import (FORMAT_VERSION, FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, IMAGE_METADATA,
                      Recipe, reinforcement_dtype, topk_dtype)
 from .geometry import fresh_flip, random_erasing, random_resized_crop
@@ -201,9 +201,18 @@ def chunk_path(parts: str, c: int) -> str:
     return os.path.join(parts, f'chunk_{c:06d}.npz')
 
 
-def _save_chunk(path, records, topk, run):
+def _save_chunk(path, records, topk, run, output, still_needed):
+    """Write a finished chunk whole or not at all; a full disk is a JobError
+    naming ``output`` and ``still_needed()`` (bytes, this chunk included)."""
     tmp = path + '.tmp.npz'
-    np.savez(tmp, records=records.view(np.uint8), topk=topk.view(np.uint8), run=np.array(run))
+    try:
+        np.savez(tmp, records=records.view(np.uint8), topk=topk.view(np.uint8), run=np.array(run))
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if is_disk_full(e):
+            raise JobError(disk_full(output, os.path.dirname(path), still_needed())) from None
+        raise
     os.replace(tmp, path)
 
 
@@ -350,8 +359,11 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
                 tops.append(top)
                 bar.update(len(group) * world)
                 if s + 1 == len(spans) or spans[s + 1][0] != c:
-                    _save_chunk(chunk_path(parts, c), np.concatenate(records),
-                                np.concatenate(tops), run)
+                    records, tops = np.concatenate(records), np.concatenate(tops)
+                    _save_chunk(chunk_path(parts, c), records, tops, run, output, lambda: (
+                        # the chunks still to write, then the file: the images and all chunks again
+                        (records.nbytes + tops.nbytes) * (len(todo) - todo.index(c) + chunks)
+                        + sum(os.path.getsize(p) for p in images.paths)))
                     records, tops = [], []
         bar.close()
         elapsed = time.perf_counter() - began

@@ -1,6 +1,9 @@
 """Helpers shared by the tests."""
 import io
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -35,3 +38,22 @@ def read_mldr(path):
     from ffcv_dr.mldr_limits import CONFIG_LIMITS
     with open(path, 'rb') as f:
         return load_pickle(f.read(), path, CONFIG_LIMITS)
+
+
+def on_small_disk(disk, size: str, args, patch: str = ''):
+    """Run ``ffcv-dr ARGS`` with a tmpfs of ``size`` mounted at ``disk`` in a
+    private mount namespace (gone with the process): a disk that really fills
+    up. ``patch``: Python run first. Returns (standard error, exit code, what
+    the disk holds at the end); skips where mounting is not allowed."""
+    import pytest
+    if not shutil.which('unshare'):
+        pytest.skip('needs unshare(1) to mount a small disk')
+    code = f'import sys\n{patch}\nimport ffcv_dr.cli as cli\nsys.exit(cli.main(sys.argv[1:]))'
+    script = (f'mount -t tmpfs -o size={size} ffcv-dr-test-disk {disk} || exit 77; '
+              f'"{sys.executable}" -c "$0" "$@"; echo $?; ls -A {disk}')
+    proc = subprocess.run(['unshare', '--mount', '--propagation', 'private', 'sh', '-c', script, code,
+                           *map(str, args)], capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        pytest.skip(f'cannot mount a small disk here: {proc.stderr.strip()[-300:]}')
+    exit_code, *left = proc.stdout.split()
+    return proc.stderr, int(exit_code), left

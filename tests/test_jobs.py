@@ -2,6 +2,7 @@
 same inputs and settings, an output never replaces an input, one job per
 output, and only regular files are read."""
 import os
+import re
 import shutil
 
 import pytest
@@ -118,3 +119,21 @@ def test_special_files_are_refused_by_name(tmp_path):
     with pytest.raises(ConvertError, match=r'17\.pth\.tar: a device, not a regular file'):
         convert(IMAGES, str(tmp_path / 'y.beton'), mldr, num_workers=2)
     assert sorted(os.listdir(tmp_path)) == ['images', 'reinforced_data']
+
+
+def test_reinforce_on_a_full_disk_says_so_and_keeps_finished_chunks(tmp_path):
+    """An 8 KB tmpfs: the lock and the fingerprint fit, the first chunk does not."""
+    from helpers import on_small_disk
+    images = _folder(tmp_path / 'images', sorted(os.path.join(IMAGES, 'n01440764', f) for f in
+                                                 os.listdir(os.path.join(IMAGES, 'n01440764')))[:1])
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    stderr, code, left = on_small_disk(disk, '8k', ['reinforce', images, disk / 'x.beton', '--samples', '2',
+                                                    '--topk', '5', '--size', '64', '--chunk', '4',
+                                                    '--workers', '2'])
+    errors = re.findall(r'ffcv-dr reinforce: .*', stderr)
+    assert len(errors) == 1 and 'Traceback' not in stderr, stderr
+    assert re.fullmatch(rf'ffcv-dr reinforce: error: {disk}/x\.beton: the disk is full: ffcv-dr-test-disk '
+                        rf'\(mounted on {disk}\) has [\d,]+ bytes free and the job needs about [\d,]+ more; '
+                        'free some space and run it again', errors[0]), errors[0]
+    assert code == 1 and left == ['x.beton.parts']  # the fingerprint stays; no partial chunk
