@@ -123,15 +123,6 @@ def disk_full(output: str, folder: str, still_needed: int) -> str:
             f'needs about {still_needed:,} more; free some space and run it again')
 
 
-def file_digest(path: str) -> str:
-    """SHA-256 of a file's bytes (teacher checkpoints)."""
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 def images_digest(root: str, paths, labels) -> str:
     """SHA-256 over the ordered image list: each path (relative to ``root``),
     size, modification time and label."""

@@ -32,8 +32,8 @@ from tqdm import tqdm
 from .convert import (ConvertError, list_images, output_dir, probe_images, readable,
                       write_beton)
 from .fields.reinforced_image import fresh_settings, render, render_layout, temp_size
-from .jobs import (JobError, OutputLock, changed, check_output, digest, disk_full, file_digest,
-                   images_digest, is_disk_full, scratch_dir)
+from .jobs import (JobError, OutputLock, changed, check_output, digest, disk_full, images_digest,
+                   is_disk_full, scratch_dir)
 from .format import (FORMAT_VERSION, FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, IMAGE_METADATA,
                      Recipe, reinforcement_dtype, topk_dtype)
 from .geometry import fresh_flip, random_erasing, random_resized_crop
@@ -270,7 +270,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     training on fresh augmentations (``train.mode=erm``), e.g. a teacher.
     ``storage``: how images are stored (the teacher sees them as stored).
     Finished chunks are reused only by a run with the same fingerprint (the
-    image list, the teachers' checkpoints, every setting); ``restart`` throws
+    image list, the teachers' weights, every setting); ``restart`` throws
     away those of another run instead of refusing."""
     if recipe not in RECIPES:
         raise ConvertError(f'recipe {recipe!r} is not supported (choose from {", ".join(RECIPES)})')
@@ -304,7 +304,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
         layout, key = render_layout(rec), np.uint64(seed)
         fingerprint = {'format': FORMAT_VERSION, 'settings': asdict(settings), 'image_count': n,
                        'images': images_digest(images_dir, images.paths, images.labels),
-                       'checkpoints': [file_digest(c) for c in checkpoints]}
+                       'teachers': model.digests() if samples else []}
         parts = _parts_dir(output, fingerprint, rank, world, restart)
         run = digest(fingerprint)
         chunks = (n + chunk - 1) // chunk if samples else 0  # without reinforcements, nothing to generate

@@ -3,6 +3,7 @@ checkpoints, the bundled EfficientNet-Lite0, and ensembles of them (probabilitie
 as ml-dr's ``timm_ensemble``)."""
 from __future__ import annotations
 
+import hashlib
 from typing import Optional, Sequence
 
 import torch
@@ -21,6 +22,18 @@ class Teacher(torch.nn.Module):
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(images).float().softmax(-1) for m in self.members]).mean(0)
+
+    def digests(self) -> list:
+        """(name, SHA-256 of the weights) of each member: what its labels depend
+        on, whether the weights came from a checkpoint, a hub or a package."""
+        out = []
+        for m in self.members:
+            h = hashlib.sha256()
+            for key, value in m.net.state_dict().items():
+                h.update(f'{key}\0{value.dtype}\0{tuple(value.shape)}\0'.encode())
+                h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            out.append([m.name, h.hexdigest()])
+        return out
 
     def probs(self, images: torch.Tensor, batch_size: int, device='cpu') -> torch.Tensor:
         """Probabilities of uint8 NHWC ``images`` (on the CPU), in batches of exactly

@@ -55,6 +55,20 @@ def test_resuming_with_other_images_is_refused_and_restart_starts_over(tmp_path,
     assert [BetonFile(out).label(i) for i in range(8)] == list(list_images(other).labels)
 
 
+def test_resuming_with_other_teacher_weights_is_refused(tmp_path, monkeypatch):
+    """Same teacher name and settings, other weights (here random instead of
+    the package's: as after an upgrade of the package or of timm's hub)."""
+    from ffcv_dr.convert import list_images
+    images, out = _folder(tmp_path / 'a', list_images(IMAGES).paths[:8]), str(tmp_path / 'x.beton')
+    with monkeypatch.context() as m:
+        _first_chunk_only(m)
+        with pytest.raises(KeyboardInterrupt):
+            reinforce(images, out, **FAST)
+    with pytest.raises(JobError, match=r'x\.beton\.parts: holds chunks of another run \(teachers changed\)'):
+        reinforce(images, out, pretrained=False, **FAST)
+    reinforce(images, out, **FAST)  # the same teacher resumes
+
+
 @pytest.mark.parametrize('which', ['image', 'folder', 'archive', 'config'])
 def test_an_output_over_an_input_is_refused_before_any_work(tmp_path, which):
     from helpers import link_mldr_copy
