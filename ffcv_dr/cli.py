@@ -333,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from .jobs import clean_up_on_sigterm
+    clean_up_on_sigterm()
     from .convert import ConvertError
     from .jobs import JobError
     try:

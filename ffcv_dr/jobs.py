@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import tempfile
@@ -50,6 +51,39 @@ def check_output(output: str, inputs) -> None:
                                    'choose another path')
 
 
+# What a SIGTERM removes: the scratch folders and lock files this process made.
+_TEMPORARY = set()
+_OWNER = None
+
+
+def clean_up_on_sigterm():
+    """Make SIGTERM (kill, torchrun, a scheduler) remove this process's scratch
+    folders and locks before it dies, so that only SIGKILL leaves any (for the
+    next job on the output to remove). The handler does not unwind the
+    program: an exception raised at an arbitrary point can be swallowed."""
+    global _OWNER
+    _OWNER = os.getpid()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame):
+    if os.getpid() == _OWNER:  # not in forked workers, which a job stops with SIGTERM itself
+        for path in list(_TEMPORARY):
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                _unlink(path)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class OutputLock:
     """One job per output: an exclusive ``flock`` on a hidden file beside it
     (``.ffcv-dr-lock-NAME``), held for the whole job and released by the
@@ -73,13 +107,12 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}'.encode())
         self.fd = fd
+        _TEMPORARY.add(self.path)
         return self
 
     def __exit__(self, *exc):
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        _TEMPORARY.discard(self.path)
+        _unlink(self.path)
         os.close(self.fd)
 
 
@@ -92,7 +125,9 @@ def scratch_dir(output: str) -> str:
     prefix = f'.ffcv-dr-tmp-{name}-'
     for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + '*')):
         shutil.rmtree(stale, ignore_errors=True)
-    return tempfile.mkdtemp(prefix=prefix, dir=folder)
+    path = tempfile.mkdtemp(prefix=prefix, dir=folder)
+    _TEMPORARY.add(path)
+    return path
 
 
 def is_disk_full(error: BaseException) -> bool:

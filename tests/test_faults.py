@@ -358,18 +358,36 @@ def _segments():
     return {n for n in os.listdir('/dev/shm') if n.startswith('psm_')} if os.path.isdir('/dev/shm') else set()
 
 
+def _convert_until_writing(out):
+    """A convert CLI run to ``out``, once its writer has started."""
+    proc = _cli(['convert', IMAGES, str(out), '--mldr', RANDAUG, '--workers', '2'])
+    deadline, writing = time.time() + 120, []
+    while time.time() < deadline and not writing:
+        writing = [n for n in os.listdir(out.parent) if n.startswith('.ffcv-dr-')
+                   and os.path.exists(out.parent / n / out.name)]
+        time.sleep(0.005)
+    assert writing, 'the writer never started'
+    return proc
+
+
+def test_a_terminated_convert_leaves_nothing(tmp_path):
+    """SIGTERM to the process group (a scheduler's, torchrun's): the folder is
+    as it was, no scratch folder, no lock, no shared memory."""
+    segments = _segments()
+    proc = _convert_until_writing(tmp_path / 'x.beton')
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGTERM, err
+    assert os.listdir(tmp_path) == [] and _segments() <= segments
+
+
 def test_a_killed_convert_leaves_no_file_that_looks_finished(tmp_path):
     out = tmp_path / 'killed.beton'
     segments = _segments()
-    proc = _cli(['convert', IMAGES, str(out), '--mldr', RANDAUG, '--workers', '2'])
-    deadline, writing = time.time() + 120, []
-    while time.time() < deadline and not writing:  # kill as soon as the writer starts
-        writing = [n for n in os.listdir(tmp_path) if n.startswith('.ffcv-dr-')
-                   and os.path.exists(tmp_path / n / 'killed.beton')]
-        time.sleep(0.005)
+    proc = _convert_until_writing(out)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
-    assert writing and proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL
     assert not out.exists()  # only a hidden scratch folder may remain
     assert _segments() <= segments  # no shared memory left in /dev/shm (FFCV's writer leaves one)
     assert all(n.startswith('.ffcv-dr-') for n in os.listdir(tmp_path))
