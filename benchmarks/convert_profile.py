@@ -1,7 +1,7 @@
 """Where ``ffcv-dr convert`` spends its time reading ml-dr's pickles, per image
 on one core: the ``.beton``'s reinforcements written back as ml-dr's files
 (``torch.save``, as ``ffcv-dr bench`` does), then read file by file by each
-stage of :func:`ffcv_dr.mldr.parse_file`, beside the unpickling path that it
+stage of :func:`ffcv_dr.mldr.records.parse_file`, beside the unpickling path that it
 falls back to (and that was the only one before it).
 
     .venv/bin/python benchmarks/convert_profile.py out/imagenet-sample-ns400.beton
@@ -15,9 +15,8 @@ import numpy as np
 
 from ffcv_dr.bench import write_mldr_folder
 from ffcv_dr.beton import BetonFile
-from ffcv_dr.mldr import ImageSizes, _pickle_bytes, load_pickle, parse_file, parse_sample
-from ffcv_dr.mldr_limits import sample_limits
-from ffcv_dr.mldr_pickle import read_views
+from ffcv_dr.mldr import ImageSizes, load_pickle, parse_file, parse_sample, sample_limits, unzip_pickle
+from ffcv_dr.mldr.reader import read_views
 
 
 def best_ms(fn, items, repeats=5):
@@ -44,11 +43,11 @@ def main():
         _, mldr = write_mldr_folder(f, tmp)
         names = [os.path.join(mldr, f'{i}.pth.tar') for i in range(n)]
         files = [open(p, 'rb').read() for p in names]
-        pickles = [_pickle_bytes(d, p, limits) for d, p in zip(files, names)]
+        pickles = [unzip_pickle(d, p, limits) for d, p in zip(files, names)]
         items = list(range(n))
         stages = {
             'read the file': lambda i: open(names[i], 'rb').read(),
-            'unzip (zipfile)': lambda i: _pickle_bytes(files[i], names[i], limits),
+            'unzip (zipfile)': lambda i: unzip_pickle(files[i], names[i], limits),
             'compiled reader (read_views)': lambda i: read_views(pickles[i], r.ra_ops, r.topk),
             'all of parse_file, from the bytes': lambda i: parse_file(files[i], i, r, sizes, names[i]),
             'restricted unpickler': lambda i: load_pickle(files[i], names[i], limits),

@@ -50,8 +50,7 @@ from PIL import Image
 from .beton import BetonFile
 from .convert import WRITER_CHUNK
 from .format import RA_OPS, STORED_JPEG
-from .mldr import load_pickle
-from .mldr_limits import sample_limits
+from .mldr import load_pickle, sample_limits
 from .pipelines import epoch_rate, epoch_rates, image_stages
 
 _imdecode = nb.njit(nogil=True)(imdecode)

@@ -32,10 +32,8 @@ from .fields.reinforced_image import render_layout
 from .format import HAS_PAIR, bytes_per_reinforcement, reinforcement_dtype, topk_dtype
 from .jobs import OutputLock, check_output, disk_full, is_disk_full, regular_file, scratch_dir
 from .jpeg import check_jpeg, jpeg_header
-from .mldr import (ImageSizes, MldrDirectory, MldrError, check_indices, member_index, iter_tar,
-                   load_pickle, parse_file, recipe_from_config)
-from .mldr_limits import CONFIG_LIMITS, sample_limits
-from .mldr_pickle import compile_here
+from .mldr import (CONFIG_LIMITS, ImageSizes, MldrDirectory, MldrError, check_indices, compile_here,
+                   iter_tar, load_pickle, member_index, parse_file, recipe_from_config, sample_limits)
 from .rules import describe, first_problem, magnitude_limits
 from .storage import Storage, stored_image
 

@@ -34,8 +34,7 @@ def write_torch_file(path, obj):
 
 def read_mldr(path):
     """An ml-dr file (a reinforcement or the config), read as convert reads it."""
-    from ffcv_dr.mldr import load_pickle
-    from ffcv_dr.mldr_limits import CONFIG_LIMITS
+    from ffcv_dr.mldr import CONFIG_LIMITS, load_pickle
     with open(path, 'rb') as f:
         return load_pickle(f.read(), path, CONFIG_LIMITS)
 

@@ -12,8 +12,7 @@ from ffcv_dr.beton import BetonFile
 from ffcv_dr.cli import main
 from ffcv_dr.convert import ConvertError, convert, list_images
 from ffcv_dr.format import RA_OPS, Recipe, bytes_per_reinforcement
-from ffcv_dr.mldr import MldrError, load_pickle
-from ffcv_dr.mldr_limits import sample_limits
+from ffcv_dr.mldr import MldrError, load_pickle, sample_limits
 
 pytestmark = needs_shared
 

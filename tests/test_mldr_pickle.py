@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import RANDAUG, SHARED, needs_shared
-from ffcv_dr.mldr import (ImageSizes, _pickle_bytes, _view_arrays, load_pickle, parse_file,
-                          parse_sample, recipe_from_config)
-from ffcv_dr.mldr_limits import CONFIG_LIMITS, sample_limits
-from ffcv_dr.mldr_pickle import read_views
+from ffcv_dr.mldr import (CONFIG_LIMITS, ImageSizes, load_pickle, parse_file, parse_sample,
+                          recipe_from_config, sample_limits, unzip_pickle)
+from ffcv_dr.mldr.reader import read_views
+from ffcv_dr.mldr.records import _view_arrays
 
 pytestmark = needs_shared
 NS400 = os.path.join(SHARED, 'fixtures', 'mldr-randaug-ns400', 'reinforced_data')
@@ -57,7 +57,7 @@ def test_reads_mldr_files_as_the_unpickler_does(folder, protocol):
         obj = load_pickle(data, name, _limits(recipe))
         if protocol:
             data = _torch_save(obj, protocol)
-        views = read_views(_pickle_bytes(data, name, _limits(recipe)), recipe.ra_ops, recipe.topk)
+        views = read_views(unzip_pickle(data, name, _limits(recipe)), recipe.ra_ops, recipe.topk)
         assert views is not None
         _assert_same(views, _unpickled_views(obj, recipe))
         sizes = ImageSizes(np.full(500, 4096), np.full(500, 4096))
@@ -71,7 +71,7 @@ def test_numpy_scalars_are_left_to_the_unpickler():
     index, samples = load_pickle(open(name, 'rb').read(), name, _limits(recipe))
     samples[0]['params'][3] = tuple(np.int64(v) for v in samples[0]['params'][3] or (0, 0, 8, 8))
     data = _torch_save((index, samples), 2)
-    assert read_views(_pickle_bytes(data, name, _limits(recipe)), recipe.ra_ops, recipe.topk) is None
+    assert read_views(unzip_pickle(data, name, _limits(recipe)), recipe.ra_ops, recipe.topk) is None
     sizes = ImageSizes(np.full(500, 4096), np.full(500, 4096))
     records, _ = parse_file(data, 3, recipe, sizes, name)
     assert records['erase'][0].tolist() == [int(v) for v in samples[0]['params'][3]]
@@ -81,7 +81,7 @@ def test_damaged_bytes_give_nothing_or_what_the_unpickler_gives():
     """Every truncation, and random byte changes: the reader never reads out
     of bounds, and whatever it accepts unpickles to the same values."""
     recipe = _recipe(RANDAUG)
-    raw = _pickle_bytes(open(os.path.join(RANDAUG, '11.pth.tar'), 'rb').read(), '11.pth.tar', _limits(recipe))
+    raw = unzip_pickle(open(os.path.join(RANDAUG, '11.pth.tar'), 'rb').read(), '11.pth.tar', _limits(recipe))
     for cut in range(len(raw)):
         assert read_views(raw[:cut], recipe.ra_ops, recipe.topk) is None
     rng = np.random.default_rng(0)
@@ -107,6 +107,6 @@ def test_lists_pickled_in_batches(protocol):
     name = os.path.join(NS400, '9.pth.tar')
     index, samples = load_pickle(open(name, 'rb').read(), name, _limits(recipe))
     obj = (index, [dict(s, params=list(s['params'])) for s in samples * 4])  # 1600, not all shared
-    views = read_views(_pickle_bytes(_torch_save(obj, protocol), name, _limits(recipe)), recipe.ra_ops, recipe.topk)
+    views = read_views(unzip_pickle(_torch_save(obj, protocol), name, _limits(recipe)), recipe.ra_ops, recipe.topk)
     assert views is not None and len(views[1]) == 1600
     _assert_same(views, _unpickled_views(obj, recipe))

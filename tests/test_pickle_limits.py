@@ -14,8 +14,7 @@ import pytest
 from conftest import IMAGES, RANDAUG, needs_shared
 from ffcv_dr.convert import ConvertError, convert
 from ffcv_dr.format import Recipe
-from ffcv_dr.mldr import ImageSizes, MldrError, load_pickle, parse_file
-from ffcv_dr.mldr_limits import CONFIG_LIMITS, sample_limits
+from ffcv_dr.mldr import CONFIG_LIMITS, ImageSizes, MldrError, load_pickle, parse_file, sample_limits
 from helpers import link_mldr_copy, read_mldr
 
 RECIPE = Recipe(num_samples=8, topk=10, num_classes=1000, ra_ops=2, erase=True)

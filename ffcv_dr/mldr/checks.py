@@ -3,7 +3,7 @@
 The checks here are only that each value fits its field (the record's
 integer widths, a finite float32); whether the record makes sense is
 :mod:`ffcv_dr.rules`' to say, for every file written. They return the first
-offending row: :mod:`ffcv_dr.mldr` turns it into a message naming the file
+offending row: :mod:`ffcv_dr.mldr.records` turns it into a message naming the file
 and the reinforcement. As NumPy expressions, with the fancy-indexed writes
 into packed records, they took a third of ``ffcv-dr convert``'s time per
 image (some 30 array passes over 400 reinforcements).
@@ -15,7 +15,7 @@ import numpy as np
 @nb.njit(cache=True, nogil=True)
 def store_views(rows, crops, flips, has_ra, ra, has_re, erase, erase_max,
                 crop_out, flags_out, ra_op_out, ra_mag_out, erase_out, flip, ra_flag, erase_flag):
-    """Write view i (see :class:`ffcv_dr.mldr.Views`) into row rows[i] of the
+    """Write view i (see :class:`ffcv_dr.mldr.records.Views`) into row rows[i] of the
     record fields ``*_out``. Returns (problem, i): the first view whose crop
     does not fit uint16 (1), whose RandAugment op id is not an integer in
     0..255 or magnitude not a finite float32 (2), or whose erasing box does

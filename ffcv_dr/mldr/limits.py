@@ -35,6 +35,15 @@ def sample_limits(num_samples: int, topk: int) -> Limits:
                   items=64 + num_samples * (256 + 4 * topk), depth=24)
 
 
+# A torch.save zip around a pickle: a few small members, headers, padding.
+ZIP_OVERHEAD = 64 << 10
+
+
+def file_limit(limits: Limits) -> int:
+    """The most bytes a file (or archive member) holding such a pickle may have."""
+    return limits.bytes + ZIP_OVERHEAD
+
+
 # config.pth.tar: ml-dr's generation settings, a few KB of nested dicts.
 CONFIG_LIMITS = Limits(bytes=1 << 20, items=100_000, depth=32)
 

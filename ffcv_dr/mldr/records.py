@@ -1,139 +1,20 @@
-"""Reading apple/ml-dr's released reinforcements, safely.
-
-ml-dr writes one ``{index}.pth.tar`` per image with ``torch.save``: a zip
-holding a plain pickle of ``(index, [{"params": [...], "prob": (values, ids)}])``.
-``torch.load(weights_only=False)`` would execute whatever a downloaded pickle
-asks for, so the pickle is read with an unpickler that admits only the
-builtins it needs and numpy scalars; anything else is refused, naming the file.
-"""
+"""ml-dr's reinforcements as ffcv-dr records: the layout of a sample read into
+arrays, each value checked to fit its field (the compiled reader where it
+knows the layout, the unpickled objects otherwise), and ml-dr's config as a
+:class:`~ffcv_dr.format.Recipe`."""
 from __future__ import annotations
 
-import io
 import math
-import os
-import pickle
-import re
-import reprlib
-import tarfile
-import zipfile
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
-                     RA_OPS, Recipe, reinforcement_dtype, topk_dtype)
-from .jobs import regular_file
-from .mldr_checks import store_views, topk_unfit
-from .mldr_limits import CONFIG_LIMITS, Limits, check_pickle, sample_limits
-from .mldr_pickle import read_views
-
-SAMPLE_NAME = re.compile(r'(?:^|/)(\d+)\.pth\.tar$')
-CONFIG_NAME = re.compile(r'(?:^|/)config\.pth\.tar$')
-
-# A torch.save zip around a pickle: a few small members, headers, padding.
-ZIP_OVERHEAD = 64 << 10
-
-_ALLOWED_DTYPES = set('?bBhHiIlLqQefdg') | {'b1', 'i1', 'i2', 'i4', 'i8', 'u1', 'u2', 'u4',
-                                            'u8', 'f2', 'f4', 'f8'}
-
-
-class MldrError(ValueError):
-    """An ml-dr input is unreadable or inconsistent; the message names the file."""
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, fileobj, name):
-        super().__init__(fileobj)
-        self.name = name
-
-    def find_class(self, module, name):
-        if (module, name) not in _ALLOWED_GLOBALS:
-            raise MldrError(f'{self.name}: refused: the pickle asks for {module}.{name}, '
-                            'which an ml-dr reinforcement file never contains')
-        return _ALLOWED_GLOBALS[module, name]
-
-    def persistent_load(self, pid):
-        raise MldrError(f'{self.name}: refused: the pickle references tensor storage, '
-                        'which an ml-dr reinforcement file never contains')
-
-
-def _safe_dtype(spec, *args):
-    if spec not in _ALLOWED_DTYPES:
-        raise pickle.UnpicklingError(f'numpy dtype {spec!r} is not allowed')
-    return np.dtype(spec)
-
-
-def _safe_scalar(dtype, data=None):
-    if not isinstance(dtype, np.dtype) or dtype.kind not in 'biuf' or not isinstance(data, bytes):
-        raise pickle.UnpicklingError('only numeric numpy scalars are allowed')
-    return np.frombuffer(data, dtype=dtype, count=1)[0]
-
-
-def _latin1_bytes(text, encoding):
-    if not isinstance(text, str) or encoding != 'latin1':
-        raise pickle.UnpicklingError("_codecs.encode is allowed only as (text, 'latin1')")
-    return text.encode('latin1')
-
-
-# The only globals an ml-dr pickle may name: numpy scalars (np.int64 in CutMix
-# boxes), whose bytes pickle protocol 2 (torch.save's default) spells as
-# _codecs.encode(text, 'latin1').
-_ALLOWED_GLOBALS = {
-    ('numpy.core.multiarray', 'scalar'): _safe_scalar, ('numpy._core.multiarray', 'scalar'): _safe_scalar,
-    ('numpy', 'dtype'): _safe_dtype, ('_codecs', 'encode'): _latin1_bytes,
-}
-
-
-def _shown(value) -> str:
-    """``value`` for an error message: a hostile file's value can be huge."""
-    return reprlib.repr(value)
-
-
-def file_limit(limits: Limits) -> int:
-    """The most bytes a file (or archive member) holding such a pickle may have."""
-    return limits.bytes + ZIP_OVERHEAD
-
-
-def _pickle_bytes(data: bytes, name: str, limits: Limits) -> bytes:
-    """The pickle inside a ``torch.save`` zip (or ``data`` itself, a bare
-    pickle); the zip's declared sizes are checked before anything is inflated."""
-    if len(data) > file_limit(limits):
-        raise MldrError(f'{name}: refused: {len(data)} bytes, more than the {file_limit(limits)} '
-                        'an ml-dr file of this recipe can need (the limit)')
-    if data[:4] != b'PK\x03\x04':
-        return data
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            pkls = [i for i in zf.infolist() if i.filename.endswith('data.pkl')]
-            if len(pkls) != 1:
-                raise MldrError(f'{name}: not a torch.save archive (no single data.pkl)')
-            if pkls[0].file_size > limits.bytes:
-                raise MldrError(f'{name}: refused: {pkls[0].filename} declares {pkls[0].file_size} '
-                                f'bytes, more than the {limits.bytes} an ml-dr pickle of this '
-                                'recipe can need (the limit)')
-            return zf.read(pkls[0])
-    except MldrError:
-        raise
-    except (zipfile.BadZipFile, EOFError, ValueError, KeyError, zlib.error) as e:
-        raise MldrError(f'{name}: unreadable ml-dr file ({type(e).__name__}: {e})') from None
-
-
-def load_pickle(data: bytes, name: str, limits: Limits, unzipped: bool = False):
-    """Unpickle a ``torch.save`` zip (or a bare pickle, or with ``unzipped`` the
-    pickle of one) with the restricted unpickler, once it is within ``limits``."""
-    if not unzipped:
-        data = _pickle_bytes(data, name, limits)
-    problem = check_pickle(data, limits)
-    if problem:
-        raise MldrError(f'{name}: refused: the pickle {problem}')
-    try:
-        return _RestrictedUnpickler(io.BytesIO(data), name).load()
-    except MldrError:
-        raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError,
-            KeyError, AttributeError, IndexError, OverflowError) as e:
-        raise MldrError(f'{name}: unreadable ml-dr file ({type(e).__name__}: {e})') from None
+from ..format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
+                      RA_OPS, Recipe, reinforcement_dtype, topk_dtype)
+from .checks import store_views, topk_unfit
+from .limits import sample_limits
+from .reader import read_views
+from .unpickler import MldrError, shown, load_pickle, unzip_pickle
 
 
 def recipe_from_config(config, name: str, num_classes: int) -> Recipe:
@@ -186,7 +67,7 @@ def _numbers(values, shape, kinds, what, name, rows):
             if one.shape != shape[1:] or not all(
                     isinstance(x, bool if kinds == 'b' else (int, np.integer) if kinds == 'iu'
                                else (int, float, np.integer, np.floating)) for x in one.reshape(-1)):
-                raise MldrError(f'{name} (reinforcement {j}): {what}, got {_shown(v)}')
+                raise MldrError(f'{name} (reinforcement {j}): {what}, got {shown(v)}')
         raise MldrError(f'{name}: {what}')
     return arr
 
@@ -213,7 +94,7 @@ def _view_arrays(views, rows, recipe, name) -> Views:
     errors name the first reinforcement (from ``rows``) of the wrong shape or type."""
     for j, v in zip(rows, views):
         if not isinstance(v, (list, tuple)) or len(v) != 4:
-            raise MldrError(f'{name} (reinforcement {j}): params must be [rrc, flip, ra, re], got {_shown(v)}')
+            raise MldrError(f'{name} (reinforcement {j}): params must be [rrc, flip, ra, re], got {shown(v)}')
     n = len(rows)
     crops = _numbers([v[0] for v in views], (n, 4), 'iu',
                      'RandomResizedCrop box must be 4 integers (top, left, height, width)', name, rows)
@@ -298,17 +179,17 @@ def _fill_mixing(records, params, recipe, sizes: ImageSizes, name):
         mix_flags = HAS_PAIR if pair is not None else 0
         if mixup is not None:
             if not _finite(mixup):
-                raise MldrError(f'{name} (reinforcement {j}): MixUp lambda must be a number, got {_shown(mixup)}')
+                raise MldrError(f'{name} (reinforcement {j}): MixUp lambda must be a number, got {shown(mixup)}')
             rec['mixup_lam'] = float(mixup)
             mix_flags |= HAS_MIXUP
         if cutmix is not None:
             if (not isinstance(cutmix, (list, tuple)) or len(cutmix) != 5 or not _finite(cutmix[0])
                     or not all(isinstance(v, (int, np.integer)) for v in cutmix[1:])):
                 raise MldrError(f'{name} (reinforcement {j}): CutMix must be [lam, r1, c1, r2, c2], '
-                                f'got {_shown(cutmix)}')
+                                f'got {shown(cutmix)}')
             r1, c1, r2, c2 = (int(v) for v in cutmix[1:])
             if not all(0 <= v <= 65535 for v in (r1, c1, r2, c2)):
-                raise MldrError(f'{name} (reinforcement {j}): CutMix box {_shown(cutmix[1:])} lies outside '
+                raise MldrError(f'{name} (reinforcement {j}): CutMix box {shown(cutmix[1:])} lies outside '
                                 f'the {recipe.size}px output')
             rec['cutmix_lam'] = float(cutmix[0])
             rec['cutmix_box'] = (r1, c1, r2, c2)
@@ -321,7 +202,7 @@ def parse_file(data: bytes, expected_index: int, recipe: Recipe, sizes: ImageSiz
     reader where it knows the layout; otherwise (and for every error message)
     unpickled first."""
     limits = sample_limits(recipe.num_samples, recipe.topk)
-    data = _pickle_bytes(data, name, limits)  # unzipped once, for either reader
+    data = unzip_pickle(data, name, limits)  # unzipped once, for either reader
     views = None if recipe.mixing else read_views(data, recipe.ra_ops, recipe.topk)
     if views is None:
         return parse_sample(load_pickle(data, name, limits, unzipped=True), expected_index, recipe,
@@ -336,7 +217,7 @@ def parse_file(data: bytes, expected_index: int, recipe: Recipe, sizes: ImageSiz
 
 def _check_header(index, count, expected_index, recipe, name):
     if not isinstance(index, (int, np.integer)) or int(index) != expected_index:
-        raise MldrError(f'{name}: holds index {_shown(index)}, expected {expected_index}')
+        raise MldrError(f'{name}: holds index {shown(index)}, expected {expected_index}')
     if count != recipe.num_samples:
         raise MldrError(f'{name}: has {count} reinforcements, the config says {recipe.num_samples}')
 
@@ -385,81 +266,3 @@ def _store_topk(values, ids, recipe, name):
     topk['prob'] = values
     topk['cls'] = ids
     return topk
-
-
-def member_index(name: str):
-    m = SAMPLE_NAME.search(name)
-    return int(m.group(1)) if m else None
-
-
-class MldrDirectory:
-    """A ``reinforced_data`` directory: files are read on demand, by index."""
-
-    def __init__(self, path: str, num_images: int):
-        self.path = path
-        config = os.path.join(path, 'config.pth.tar')
-        if not os.path.isfile(config):
-            raise MldrError(f'{config}: missing (an ml-dr reinforced_data directory has one)')
-        self.config = load_pickle(read_bounded(config, file_limit(CONFIG_LIMITS)), config,
-                                  CONFIG_LIMITS)
-        found = set()
-        for entry in os.listdir(path):
-            i = member_index(entry)
-            if i is not None:
-                found.add(i)
-        check_indices(found, num_images, path)
-
-    def name(self, index: int) -> str:
-        return os.path.join(self.path, f'{index}.pth.tar')
-
-    def read(self, index: int, limits: Limits):
-        """(bytes, path) of image ``index``'s file, refused when larger than
-        a file within ``limits`` can be."""
-        name = self.name(index)
-        return read_bounded(name, file_limit(limits)), name
-
-
-def read_bounded(path: str, max_bytes: int) -> bytes:
-    """The bytes of the regular file ``path``, refused unread when over ``max_bytes``."""
-    regular_file(path)
-    size = os.path.getsize(path)
-    if size > max_bytes:
-        raise MldrError(f'{path}: refused: {size} bytes, more than the {max_bytes} an ml-dr file '
-                        'of this recipe can need (the limit)')
-    with open(path, 'rb') as f:
-        return f.read(max_bytes + 1)
-
-
-def check_indices(found, num_images, where):
-    missing = sorted(set(range(num_images)) - set(found))
-    extra = sorted(set(found) - set(range(num_images)))
-    if missing:
-        raise MldrError(f'{where}: no reinforcements for {len(missing)} of the {num_images} images '
-                        f'(first missing index: {missing[0]})')
-    if extra:
-        raise MldrError(f'{where}: reinforcements for index {extra[0]}, but the image folder has only '
-                        f'{num_images} images')
-
-
-def iter_tar(path: str, limits: Limits, config_only: bool = False):
-    """Yield (member name, bytes) of the reinforcement files (or with
-    ``config_only``, the config) in an ml-dr ``.tar``/``.tar.gz``, read as a
-    stream. Nothing is extracted; members whose path escapes the archive, or
-    that declare more bytes than a file within ``limits`` can have, are refused."""
-    try:
-        with tarfile.open(path, mode='r|*') as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                parts = member.name.split('/')
-                if member.name.startswith('/') or '..' in parts:
-                    raise MldrError(f'{path}: refused member {member.name!r}: path outside the archive')
-                if not (CONFIG_NAME.search(member.name) if config_only else SAMPLE_NAME.search(member.name)):
-                    continue
-                if member.size > file_limit(limits):
-                    raise MldrError(f'{path}:{member.name}: refused: declares {member.size} bytes, more '
-                                    f'than the {file_limit(limits)} an ml-dr file of this recipe can '
-                                    'need (the limit)')
-                yield member.name, tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise MldrError(f'{path}: unreadable archive ({type(e).__name__}: {e})') from None
