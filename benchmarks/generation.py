@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ffcv_dr.convert import list_images
+from ffcv_dr.intake import list_images
 from ffcv_dr.reinforce import reinforce
 from ffcv_dr.teachers import load_teacher
 

@@ -48,7 +48,7 @@ from ffcv.writer import DatasetWriter
 from PIL import Image
 
 from .beton import BetonFile
-from .convert import WRITER_CHUNK
+from .writer import WRITER_CHUNK
 from .format import RA_OPS, STORED_JPEG
 from .mldr import load_pickle, sample_limits
 from .pipelines import epoch_rate, epoch_rates, image_stages

@@ -335,8 +335,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from .jobs import clean_up_on_sigterm
     clean_up_on_sigterm()
-    from .convert import ConvertError
-    from .jobs import JobError
+    from .jobs import ConvertError, JobError
     try:
         return args.run(args) or 0
     except (ConvertError, JobError, ValueError, OSError) as e:

@@ -20,6 +20,10 @@ class JobError(RuntimeError):
     """A job refused before doing any work; nothing was written."""
 
 
+class ConvertError(RuntimeError):
+    """Conversion failed; nothing was written at the output path."""
+
+
 def regular_file(path: str, missing_ok: bool = False) -> str:
     """``path``, or a JobError when it is not a regular file (a FIFO would block
     the reader forever, a link to /dev/zero would fill memory); with

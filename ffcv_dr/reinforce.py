@@ -29,18 +29,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .convert import (ConvertError, list_images, output_dir, probe_images, readable,
-                      write_beton)
 from .fields.reinforced_image import fresh_settings, render, render_layout, temp_size
-from .jobs import (JobError, OutputLock, changed, check_output, digest, disk_full, images_digest,
-                   is_disk_full, scratch_dir)
 from .format import (FORMAT_VERSION, FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, IMAGE_METADATA,
                      Recipe, reinforcement_dtype, topk_dtype)
 from .geometry import fresh_flip, random_erasing, random_resized_crop
+from .intake import list_images, probe_images, readable
+from .jobs import (ConvertError, JobError, OutputLock, changed, check_output, digest, disk_full,
+                   images_digest, is_disk_full, scratch_dir)
 from .randaugment import draw_ops
 from .schedule import STREAM_FRESH_ERASE, STREAM_FRESH_RA, splitmix64
 from .storage import Storage, stored_image
 from .teachers import load_teacher
+from .writer import output_dir, write_beton
 
 RECIPES = ('rrc', 'rrc+ra+re', 'rrc+mix', 'rrc+ra+re+mix')
 _PAIR_VIEW = np.uint64(0x50414952)   # seed offset of the paired image's view ('PAIR')

@@ -42,7 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .beton import BetonFile
-from .convert import list_images
+from .intake import list_images
 from .models import create
 from .pipelines import Loader
 

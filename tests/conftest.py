@@ -36,7 +36,7 @@ def randaug_targz(tmp_path_factory):
 
 def first_images(root, n: int) -> str:
     """An ImageFolder at ``root`` of symlinks to the first ``n`` imagenet-sample images."""
-    from ffcv_dr.convert import list_images
+    from ffcv_dr.intake import list_images
     for path in list_images(IMAGES).paths[:n]:
         cls = os.path.basename(os.path.dirname(path))
         os.makedirs(root / cls, exist_ok=True)

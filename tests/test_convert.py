@@ -10,7 +10,8 @@ from conftest import IMAGES, MIXING, RANDAUG, needs_shared
 from helpers import link_mldr_copy, read_mldr, write_torch_file
 from ffcv_dr.beton import BetonFile
 from ffcv_dr.cli import main
-from ffcv_dr.convert import ConvertError, convert, list_images
+from ffcv_dr.convert import ConvertError, convert
+from ffcv_dr.intake import list_images
 from ffcv_dr.format import RA_OPS, Recipe, bytes_per_reinforcement
 from ffcv_dr.mldr import MldrError, load_pickle, sample_limits
 

@@ -18,7 +18,8 @@ from PIL import Image
 from conftest import IMAGES, MIXING, RANDAUG, needs_shared
 from ffcv_dr.beton import BetonFile
 from ffcv_dr.cli import main
-from ffcv_dr.convert import ConvertError, convert, list_images
+from ffcv_dr.convert import ConvertError, convert
+from ffcv_dr.intake import list_images
 from ffcv_dr.jpeg import decode_crop_resize
 from ffcv_dr.reinforce import reinforce
 from ffcv_dr.verify import verify
@@ -119,11 +120,11 @@ def test_unreadable_images_stop_the_run_naming_the_file(faulty_folder, tmp_path)
 def test_jpeg_headers_read_by_libjpeg_agree_with_pil(faulty_folder, monkeypatch):
     """The probe reads JPEG headers with libjpeg and leaves the rest to PIL:
     sizes, pass-through and problems come out as PIL alone gives them."""
-    import ffcv_dr.convert as conv
+    import ffcv_dr.intake as intake
     paths = list_images(IMAGES).paths + sorted(str(p) for p in (faulty_folder / WNID).iterdir())
-    fast = [conv._probe_image((p, None)) for p in paths]
-    monkeypatch.setattr(conv, 'jpeg_header', lambda data: None)
-    assert fast == [conv._probe_image((p, None)) for p in paths]
+    fast = [intake._probe_image((p, None)) for p in paths]
+    monkeypatch.setattr(intake, 'jpeg_header', lambda data: None)
+    assert fast == [intake._probe_image((p, None)) for p in paths]
     assert sum(probe is None for _, probe, _ in fast) == len(UNREADABLE)
 
 
@@ -425,7 +426,7 @@ def test_a_full_disk_is_one_line_naming_the_output_the_device_and_the_bytes_need
     disk.mkdir()
     stderr, code, left = on_small_disk(disk, '24m', ['convert', IMAGES, disk / 'x.beton', '--mldr', RANDAUG,
                                                      '--workers', '2'],
-                                       'import ffcv_dr.convert as c; c._check_free_space = lambda *a: 150 << 20')
+                                       'import ffcv_dr.writer as w; w._check_free_space = lambda *a: 150 << 20')
     errors = re.findall(r'ffcv-dr convert: .*', stderr)
     assert len(errors) == 1 and 'Traceback' not in stderr, stderr  # none from the writer processes
     assert re.fullmatch(rf'ffcv-dr convert: error: {disk}/x\.beton: the disk is full: ffcv-dr-test-disk '
@@ -435,8 +436,8 @@ def test_a_full_disk_is_one_line_naming_the_output_the_device_and_the_bytes_need
 
 
 def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
-    import ffcv_dr.convert as conv
-    monkeypatch.setattr(conv.shutil, 'disk_usage', lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
+    import ffcv_dr.writer as writer
+    monkeypatch.setattr(writer.shutil, 'disk_usage', lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
     with pytest.raises(ConvertError, match=r'x\.beton: needs about 0\.\d+ GB, but only 0\.00 GB are free'):
         convert(IMAGES, str(tmp_path / 'x.beton'), RANDAUG, num_workers=2)
     assert os.listdir(tmp_path) == []
@@ -445,15 +446,15 @@ def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
 def test_a_killed_writer_process_stops_the_write_with_a_message(tmp_path, monkeypatch):
     """A worker killed mid-write (as by the kernel's OOM killer): FFCV's writer
     would wait for it forever; ffcv-dr stops, says so and leaves nothing."""
-    import ffcv_dr.convert as conv
-    read, victim = conv.stored_image, list_images(IMAGES).paths[100]
+    import ffcv_dr.writer as writer
+    read, victim = writer.stored_image, list_images(IMAGES).paths[100]
 
     def read_or_die(path, *args):
         if path == victim:
             os.kill(os.getpid(), signal.SIGKILL)
         return read(path, *args)
 
-    monkeypatch.setattr(conv, 'stored_image', read_or_die)
+    monkeypatch.setattr(writer, 'stored_image', read_or_die)
     with pytest.raises(ConvertError, match=r'k\.beton: writing failed .*a writer process died \(exit code -9\)'):
         convert(IMAGES, str(tmp_path / 'k.beton'), RANDAUG, num_workers=2)
     assert os.listdir(tmp_path) == []

@@ -37,7 +37,7 @@ def _first_chunk_only(monkeypatch):
 
 
 def test_resuming_with_other_images_is_refused_and_restart_starts_over(tmp_path, monkeypatch):
-    from ffcv_dr.convert import list_images
+    from ffcv_dr.intake import list_images
     paths = list_images(IMAGES).paths
     first, other = _folder(tmp_path / 'a', paths[:8]), _folder(tmp_path / 'b', paths[8:16])
     out = str(tmp_path / 'x.beton')
@@ -58,7 +58,7 @@ def test_resuming_with_other_images_is_refused_and_restart_starts_over(tmp_path,
 def test_resuming_with_other_teacher_weights_is_refused(tmp_path, monkeypatch):
     """Same teacher name and settings, other weights (here random instead of
     the package's: as after an upgrade of the package or of timm's hub)."""
-    from ffcv_dr.convert import list_images
+    from ffcv_dr.intake import list_images
     images, out = _folder(tmp_path / 'a', list_images(IMAGES).paths[:8]), str(tmp_path / 'x.beton')
     with monkeypatch.context() as m:
         _first_chunk_only(m)
@@ -104,7 +104,7 @@ def test_the_cli_says_why_in_one_line(tmp_path, capsys):
 
 
 def test_a_second_job_on_one_output_fails_at_once_naming_the_holder(tmp_path):
-    from ffcv_dr.convert import list_images
+    from ffcv_dr.intake import list_images
     images = _folder(tmp_path / 'images', list_images(IMAGES).paths[:4])
     out = str(tmp_path / 'x.beton')
     with OutputLock(out):

@@ -9,7 +9,7 @@ from PIL import Image
 from conftest import IMAGES, needs_shared
 from ffcv_dr import Loader, ReplayClock
 from ffcv_dr.beton import BetonFile
-from ffcv_dr.convert import list_images
+from ffcv_dr.intake import list_images
 from ffcv_dr.geometry import random_erasing
 from ffcv_dr.randaugment import POSTERIZE, draw_ops, magnitude_table
 from ffcv_dr.schedule import STREAM_FRESH_ERASE, STREAM_FRESH_RA, choose

@@ -15,7 +15,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from conftest import IMAGES, needs_shared
-from ffcv_dr.convert import list_images
+from ffcv_dr.intake import list_images
 from ffcv_dr.format import RA_OPS
 from ffcv_dr.randaugment import _inverse_affine, _rotation, apply_op, magnitude_table
 

@@ -10,9 +10,9 @@
 from .limits import CONFIG_LIMITS, Limits, sample_limits
 from .reader import compile_here
 from .records import ImageSizes, parse_file, parse_sample, recipe_from_config
-from .sources import MldrDirectory, check_indices, iter_tar, member_index
+from .sources import DirectorySource, MldrDirectory, TarSource, check_indices, iter_tar, member_index
 from .unpickler import MldrError, load_pickle, unzip_pickle
 
 __all__ = ['CONFIG_LIMITS', 'Limits', 'sample_limits', 'compile_here', 'ImageSizes', 'parse_file',
-           'parse_sample', 'recipe_from_config', 'MldrDirectory', 'check_indices', 'iter_tar',
+           'parse_sample', 'recipe_from_config', 'DirectorySource', 'MldrDirectory', 'TarSource', 'check_indices', 'iter_tar',
            'member_index', 'MldrError', 'load_pickle', 'unzip_pickle']

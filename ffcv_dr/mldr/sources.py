@@ -3,14 +3,22 @@ or a downloaded ``.tar``/``.tar.gz``, read once as a stream; only regular
 files, each refused unread when larger than its recipe allows."""
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import re
 import tarfile
 import zlib
 
+import numpy as np
+from tqdm import tqdm
+
+from ..format import reinforcement_dtype, topk_dtype
 from ..jobs import regular_file
-from .limits import CONFIG_LIMITS, Limits, file_limit
+from .limits import CONFIG_LIMITS, Limits, file_limit, sample_limits
+from .records import parse_file, recipe_from_config
 from .unpickler import MldrError, load_pickle
+
+_FORK = mp.get_context('fork')
 
 SAMPLE_NAME = re.compile(r'(?:^|/)(\d+)\.pth\.tar$')
 CONFIG_NAME = re.compile(r'(?:^|/)config\.pth\.tar$')
@@ -94,3 +102,88 @@ def read_bounded(path: str, max_bytes: int) -> bytes:
         return f.read(max_bytes + 1)
 
 
+_PARSE_STATE = {}
+
+
+def _init_parse(recipe, sizes):
+    _PARSE_STATE.update(recipe=recipe, sizes=sizes)
+
+
+def _parse_member(item):
+    name, data, index = item
+    try:
+        records, topk = parse_file(data, index, _PARSE_STATE['recipe'], _PARSE_STATE['sizes'], name)
+        return index, records, topk, None
+    except MldrError as e:
+        return index, None, None, str(e)
+
+
+class TarSource:
+    """An ml-dr archive read once as a stream into memory-mapped records."""
+
+    def __init__(self, path, num_images, num_classes, sizes, scratch, workers):
+        config = None
+        for name, data in iter_tar(path, CONFIG_LIMITS, config_only=True):
+            config = load_pickle(data, f'{path}:{name}', CONFIG_LIMITS)
+            break
+        if config is None:
+            raise MldrError(f'{path}: the archive holds no config.pth.tar')
+        self.config = config
+        self.recipe = recipe_from_config(config, f'{path}:config.pth.tar', num_classes)
+        self.records = np.lib.format.open_memmap(
+            os.path.join(scratch, 'records.npy'), 'w+', reinforcement_dtype(self.recipe),
+            (num_images, self.recipe.num_samples))
+        self.topk = np.lib.format.open_memmap(
+            os.path.join(scratch, 'topk.npy'), 'w+', topk_dtype(self.recipe),
+            (num_images, self.recipe.num_samples))
+        seen = np.zeros(num_images, bool)
+        self.names = {}
+
+        def members():
+            for name, data in iter_tar(path, sample_limits(self.recipe.num_samples, self.recipe.topk)):
+                index = member_index(name)
+                where = f'{path}:{name}'
+                if index >= num_images:
+                    raise MldrError(f'{where}: index {index}, but the image folder has only {num_images} images')
+                if seen[index]:
+                    raise MldrError(f'{where}: index {index} appears twice in the archive')
+                seen[index] = True
+                self.names[index] = where
+                yield where, data, index
+
+        with _FORK.Pool(workers, _init_parse, (self.recipe, sizes)) as pool, \
+                tqdm(total=num_images, desc='reading ml-dr archive', unit='img') as bar:
+            for index, records, topk, error in pool.imap_unordered(_parse_member, members(), chunksize=64):
+                if error:
+                    raise MldrError(error)
+                self.records[index] = records
+                self.topk[index] = topk
+                bar.update()
+        check_indices(np.flatnonzero(seen).tolist(), num_images, path)
+        self.records.flush()
+        self.topk.flush()
+
+    def get(self, index):
+        return self.records[index], self.topk[index]
+
+    def name(self, index):
+        return self.names[index]
+
+
+class DirectorySource:
+    """An ml-dr ``reinforced_data`` directory, read by index in the writer workers."""
+
+    def __init__(self, path, num_images, num_classes, sizes):
+        self.directory = MldrDirectory(path, num_images)
+        self.config = self.directory.config
+        self.recipe = recipe_from_config(self.config, os.path.join(path, 'config.pth.tar'),
+                                         num_classes)
+        self.sizes = sizes
+        self.limits = sample_limits(self.recipe.num_samples, self.recipe.topk)
+
+    def get(self, index):
+        data, name = self.directory.read(index, self.limits)
+        return parse_file(data, index, self.recipe, self.sizes, name)
+
+    def name(self, index):
+        return self.directory.name(index)

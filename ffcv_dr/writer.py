@@ -1,0 +1,250 @@
+"""Writing a ``.beton`` with FFCV's own writer, made safe for long jobs: a
+failing or killed worker stops the write with one message instead of hanging
+it, a full disk says so, and the file appears at its path only when complete."""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import multiprocessing as mp
+import os
+import queue
+import shutil
+
+import numpy as np
+from ffcv.fields import IntField
+from ffcv.memory_allocator import MemoryAllocator
+from ffcv.utils import chunks
+from ffcv.writer import DatasetWriter, worker_job_indexed_dataset
+from tqdm import tqdm
+
+from .fields import ReinforcedImageField, SoftTargetField
+from .fields.reinforced_image import render_layout
+from .format import HAS_PAIR, bytes_per_reinforcement, reinforcement_dtype, topk_dtype
+from .intake import ImageList
+from .jobs import ConvertError, disk_full, is_disk_full
+from .mldr import MldrError
+from .rules import describe, first_problem, magnitude_limits
+from .storage import Storage, stored_image
+
+_FORK = mp.get_context('fork')  # workers inherit what they read (samples, shared memory, compiled code)
+
+
+# Images per work item of FFCV's writer; its default (100) leaves workers idle
+# at the end of small datasets.
+WRITER_CHUNK = 16
+
+
+class _Samples:
+    """What FFCV's writer workers index. A worker that raises makes FFCV's writer
+    wait forever, so failures are sent to the main process (a queue, not a
+    file: the disk may be full) and a placeholder is written instead; the
+    caller then discards the output."""
+
+    def __init__(self, images: ImageList, probes, source, storage: Storage, output):
+        self.images, self.probes, self.source = images, probes, source
+        self.storage, self.output = storage, output
+        self.errors, self.failed = _FORK.SimpleQueue(), _FORK.Event()
+        recipe = source.recipe
+        self.position = None  # ImageFolder index -> position in the file, where images were skipped
+        if recipe.mixing and len(images.indices) and images.indices[-1] != len(images.indices) - 1:
+            self.position = np.full(int(images.indices.max()) + 1, -1, np.int64)
+            self.position[images.indices] = np.arange(len(images.indices))
+        self.placeholder = (np.zeros(recipe.num_samples, reinforcement_dtype(recipe)),
+                            np.zeros(recipe.num_samples, topk_dtype(recipe)))
+        # the rules every written record must pass, with the crops' pixel space by position
+        self.rules = (render_layout(recipe), magnitude_limits(recipe), np.int64(recipe.topk),
+                      np.int64(recipe.num_classes),
+                      np.array([(p[1], p[0]) for p in probes], np.int64).reshape(-1, 2))
+
+    def __len__(self):
+        return len(self.images.paths)
+
+    def fail(self, message: str, disk_full: bool = False):
+        """Record why the write fails (first caller only: the queue is a pipe)."""
+        if not self.failed.is_set():
+            self.failed.set()
+            self.errors.put((message.replace('\n', ' '), disk_full))
+
+    def failure(self):
+        """(message, disk full) of the first failure, or None."""
+        return None if self.errors.empty() else self.errors.get()
+
+    def check(self, i, records, topk):
+        """Refuse what the loader would not replay (:mod:`ffcv_dr.rules`), naming the source."""
+        layout, limits, k, num_classes, orig_sizes = self.rules
+        problem, j = first_problem(np.ascontiguousarray(records).view(np.uint8).reshape(-1),
+                                   np.ascontiguousarray(topk).view(np.uint8).reshape(-1), layout,
+                                   limits, k, num_classes, i, orig_sizes, len(records))
+        if problem:
+            raise MldrError(f'{self.source.name(int(self.images.indices[i]))} (reinforcement {j}): '
+                            f'{describe(problem, self.source.recipe)}')
+
+    def __getitem__(self, i):
+        label = int(self.images.labels[i])
+        if not self.failed.is_set():
+            try:
+                records, topk = self.source.get(int(self.images.indices[i]))
+                if self.position is not None:
+                    records = records.copy()
+                    paired = (records['mix_flags'] & HAS_PAIR) != 0
+                    records['pair'][paired] = self.position[records['pair'][paired]]
+                self.check(i, records, topk)
+                width, height, passthrough = self.probes[i]
+                payload, w, h, mode = stored_image(self.images.paths[i], int(self.images.indices[i]),
+                                                   width, height, passthrough, self.storage)
+                return (payload, width, height, w, h, mode, records), (label, topk), label
+            except Exception as e:  # noqa: BLE001 -- see the class docstring
+                self.fail(str(e) if isinstance(e, MldrError) else
+                          f'{self.images.paths[i]}: {type(e).__name__}: {e}', is_disk_full(e))
+        records, topk = self.placeholder
+        return (np.zeros(0, np.uint8), 1, 1, 1, 1, 0, records), (label, topk), label
+
+
+class _Writer(DatasetWriter):
+    """FFCV's writer, except that
+    - a worker that fails (a full disk, say) records why and releases the main
+      process, which FFCV leaves waiting forever;
+    - a worker that dies (killed) stops the write instead of hanging it;
+    - workers write their pages without waiting for each other (:class:`_Pages`);
+    - the samples' metadata lives in anonymous shared memory, which the kernel
+      frees however the processes end (FFCV's named segment in /dev/shm
+      outlives a killed job);
+    - the main process waits on the workers' results instead of checking a
+      counter every 0.1 s, which cost every file 0.1-0.2 s."""
+
+    def write(self, samples: '_Samples'):
+        indices = list(enumerate(range(len(samples))))
+        self._write_common(len(indices), chunks(indices, WRITER_CHUNK), _writer_job, (samples,))
+
+    def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+        self.num_samples = num_samples
+        self.prepare()
+        self.metadata_sm.close()   # FFCV's named segment, swapped at once for an anonymous one
+        self.metadata_sm.unlink()
+        self.metadata_sm = _AnonymousMemory(num_samples * self.metadata_type.itemsize)
+        work, results = _FORK.Queue(), _FORK.Queue()
+        for item in list(queue_content) + [None] * self.num_workers:
+            work.put(item)
+        done = _FORK.Value(ctypes.c_uint64, 0)
+        allocator = _Pages(self.fname, self.data_region_start, self.page_size)
+        args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, results,
+                *extra_worker_args)
+        workers = [_FORK.Process(target=work_fn, args=args) for _ in range(self.num_workers)]
+        for w in workers:
+            w.start()
+        allocations, finished = [], 0
+        try:
+            with tqdm(total=num_samples, desc='writing', unit='img') as bar:
+                while finished < len(workers):
+                    try:
+                        allocations.extend(results.get(timeout=0.05))
+                        finished += 1
+                    except queue.Empty:
+                        dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                        if dead:
+                            raise OSError(f'a writer process died (exit code {dead[0]})') from None
+                    bar.update(done.value - bar.n)
+            for w in workers:
+                w.join()
+            self.finalize(allocations)
+        finally:
+            for w in workers:
+                if w.is_alive():
+                    w.terminate()
+
+
+def _writer_job(input_queue, metadata_sm, metadata_type, fields, allocator, done_number,
+                allocations_queue, samples):
+    try:
+        worker_job_indexed_dataset(input_queue, metadata_sm, metadata_type, fields, allocator,
+                                   done_number, allocations_queue, samples)
+    except Exception as e:  # noqa: BLE001 -- recorded, and the caller raises ConvertError
+        samples.fail(f'{samples.output}: writing failed ({type(e).__name__}: {e})', is_disk_full(e))
+        allocations_queue.put([])  # the main process waits for one result per worker
+
+
+class _AnonymousMemory:
+    """Shared memory as FFCV's writer uses it (``.buf``), mapped anonymously:
+    forked workers share it and nothing outlives the processes."""
+
+    def __init__(self, size: int):
+        self._map = mmap.mmap(-1, max(size, 1))
+        self.buf = memoryview(self._map)[:size]
+
+
+class _Pages(MemoryAllocator):
+    """FFCV's page allocator, except that a full page is written at its place
+    in the file at once (``os.pwrite``). FFCV's writes pages in order, so a
+    worker whose page filled first sat idle until the other workers' earlier
+    pages were written."""
+
+    def __enter__(self):
+        self.fd = os.open(self.fname, os.O_WRONLY)
+
+    def flush_page(self):
+        if self.my_page >= 0:
+            page = memoryview(self.page_data)
+            at = self.offset + self.my_page * self.page_size
+            while page:  # pwrite may write less than asked
+                written = os.pwrite(self.fd, page, at)
+                page, at = page[written:], at + written
+
+    def __exit__(self, *exc):
+        try:
+            self.flush_page()
+        finally:
+            os.close(self.fd)
+
+
+def _check_free_space(output, scratch, images, probes, recipe, num_workers, storage: Storage):
+    """Refuse to start a file that cannot fit: FFCV's writer would fail half-way.
+    Re-encoded images are counted at their original file size, raw ones at
+    their pixels' (those of ``proportion`` too: an upper bound). Returns that estimate."""
+    raw = storage.write_mode in ('raw', 'proportion', 'smart')
+    need = sum(3 * np.prod(storage.stored_size(*p[:2])) if raw else os.path.getsize(path)
+               for path, p in zip(images.paths, probes)) + len(images.paths) * (
+        recipe.num_samples * bytes_per_reinforcement(recipe) + 64) + (num_workers + 2) * (8 << 20)
+    free = shutil.disk_usage(scratch).free
+    if need > free:
+        raise ConvertError(f'{output}: needs about {need / 1e9:.2f} GB, but only {free / 1e9:.2f} GB '
+                           f'are free on {os.path.dirname(os.path.abspath(output))}')
+    return int(need)
+
+
+def write_beton(output, images: ImageList, probes, source, scratch, num_workers, storage: Storage):
+    """Write the .beton under ``scratch`` and move it to ``output`` once complete.
+    ``source.get(i)`` gives image i's (reinforcement records, top-k records)."""
+    tmp_output = os.path.join(scratch, os.path.basename(output))
+    recipe = source.recipe
+    need = _check_free_space(output, scratch, images, probes, recipe, num_workers, storage)
+    writer = _Writer(tmp_output, {'image': ReinforcedImageField(recipe),
+                                  'target': SoftTargetField(recipe),
+                                  'label': IntField()}, num_workers=num_workers)
+    samples = _Samples(images, probes, source, storage, output)
+    try:
+        writer.write(samples)
+        failure = samples.failure()
+    except OSError as e:
+        failure = f'{output}: writing failed ({type(e).__name__}: {e})', is_disk_full(e)
+    if failure:
+        message, full = failure
+        if full:  # the estimate less what was written; the partial file goes, to free its space
+            written = 0
+            if os.path.exists(tmp_output):
+                written = os.stat(tmp_output).st_blocks * 512
+                os.remove(tmp_output)
+            message = disk_full(output, scratch, max(need - written, 1))
+        raise ConvertError(message)
+    os.replace(tmp_output, output)
+    return {'output': output, 'images': len(images.paths), 'recipe': recipe,
+            'class_space': images.class_space, 'storage': storage,
+            're_encoded': int(sum(not p[2] for p in probes)) if storage.write_mode == 'original'
+            else len(probes)}
+
+
+def output_dir(output: str) -> str:
+    """The output's folder; a ConvertError when it does not exist."""
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise ConvertError(f'{output}: the directory {out_dir} does not exist')
+    return out_dir
