@@ -333,11 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from .jobs import clean_up_on_sigterm
-    clean_up_on_sigterm()
-    from .jobs import ConvertError, JobError
+    from .jobs import ConvertError, JobError, clean_up_on_sigterm
     try:
-        return args.run(args) or 0
+        with clean_up_on_sigterm():
+            return args.run(args) or 0
     except (ConvertError, JobError, ValueError, OSError) as e:
         print(f'ffcv-dr {args.command}: error: {e}', file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@ outputs that never touch inputs, one job per output, inputs that are regular
 files, and the fingerprint a resumed run must match."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import glob
@@ -57,28 +58,39 @@ def check_output(output: str, inputs) -> None:
 
 # What a SIGTERM removes: the scratch folders and lock files this process made.
 _TEMPORARY = set()
-_OWNER = None
 
 
+@contextlib.contextmanager
 def clean_up_on_sigterm():
-    """Make SIGTERM (kill, torchrun, a scheduler) remove this process's scratch
-    folders and locks before it dies, so that only SIGKILL leaves any (for the
-    next job on the output to remove). The handler does not unwind the
-    program: an exception raised at an arbitrary point can be swallowed."""
-    global _OWNER
-    _OWNER = os.getpid()
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    """While in the block, SIGTERM (kill, torchrun, a scheduler) removes this
+    process's scratch folders and locks before it dies, so that only SIGKILL
+    leaves any (for the next job on the output to remove). The handler does
+    not unwind the program (an exception raised at an arbitrary point can be
+    swallowed), and forked workers keep the default: a job stops its own
+    workers with SIGTERM."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _on_sigterm(signum, frame):
-    if os.getpid() == _OWNER:  # not in forked workers, which a job stops with SIGTERM itself
-        for path in list(_TEMPORARY):
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                _unlink(path)
+    for path in list(_TEMPORARY):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _unlink(path)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
+
+
+def _default_sigterm_in_child():
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
 
 
 def _unlink(path):
