@@ -14,7 +14,7 @@ import numpy as np
 
 from ffcv_dr.bench import _decode_all
 from ffcv_dr.beton import BetonFile
-from ffcv_dr.fields.reinforced_image import (fresh_settings, render, render_layout, replay_view,
+from ffcv_dr.render import (fresh_settings, render, render_layout, replay_view,
                                              temp_size)
 from ffcv_dr.geometry import read_u16, scale_box
 from ffcv_dr.jpeg import decode_crop_resize

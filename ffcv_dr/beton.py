@@ -9,7 +9,7 @@ import numpy as np
 from ffcv.reader import Reader
 
 from .fields import CUSTOM_FIELDS, ReinforcedImageField, SoftTargetField
-from .fields.reinforced_image import (fresh_settings, pair_index, render, render_layout,
+from .render import (fresh_settings, pair_index, render, render_layout,
                                      temp_size)
 from .rules import PROBLEMS, file_problems, header_problem, magnitude_limits, sample_problem
 from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, RA_OPS,

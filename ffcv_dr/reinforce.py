@@ -2,7 +2,7 @@
 
 For every image it draws N augmentations from the counter-based schedule
 (a pure function of seed, reinforcement and image index), renders them with
-:func:`ffcv_dr.fields.reinforced_image.render` -- the loader's own kernel, so
+:func:`ffcv_dr.render.render` -- the loader's own kernel, so
 the teacher sees exactly the pixels the student will -- and keeps the
 teacher's top-k probabilities.
 
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .fields.reinforced_image import fresh_settings, render, render_layout, temp_size
+from .render import fresh_settings, render, render_layout, temp_size
 from .format import (FORMAT_VERSION, FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, IMAGE_METADATA,
                      Recipe, reinforcement_dtype, topk_dtype)
 from .geometry import fresh_flip, random_erasing, random_resized_crop

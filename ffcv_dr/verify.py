@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .beton import BetonFile
-from .fields.reinforced_image import render_layout
+from .render import render_layout
 from .format import STORED_JPEG, block_crc
 from .jpeg import check_jpeg
 from .rules import PROBLEMS, file_problems, image_problems, magnitude_limits

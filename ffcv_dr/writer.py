@@ -18,7 +18,7 @@ from ffcv.writer import DatasetWriter, worker_job_indexed_dataset
 from tqdm import tqdm
 
 from .fields import ReinforcedImageField, SoftTargetField
-from .fields.reinforced_image import render_layout
+from .render import render_layout
 from .format import HAS_PAIR, bytes_per_reinforcement, reinforcement_dtype, topk_dtype
 from .intake import ImageList
 from .jobs import ConvertError, disk_full, is_disk_full

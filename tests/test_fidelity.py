@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import SHARED, needs_shared
 from helpers import psnr
 from ffcv_dr.beton import BetonFile
-from ffcv_dr.fields.reinforced_image import render_layout, replay_mixing, replay_view
+from ffcv_dr.render import render_layout, replay_mixing, replay_view
 
 pytestmark = needs_shared
 GOLDEN = {name: os.path.join(SHARED, 'fixtures', f'mldr-{name}', 'golden')

@@ -122,7 +122,7 @@ def test_mixing_draws_follow_mldrs_recipe():
     """MixUp and CutMix each with p 0.5; MixUp lam = Beta(1, 1) / 2; CutMix's
     box is rand_bbox of its lam; the paired view has its own draws inside the
     paired image."""
-    from ffcv_dr.fields.reinforced_image import fresh_settings
+    from ffcv_dr.render import fresh_settings
     from ffcv_dr.format import Recipe
     from ffcv_dr.reinforce import Settings, sample_records
     recipe = Recipe(num_samples=50, topk=5, num_classes=10, ra_ops=2, erase=True, mixing=True)

@@ -17,7 +17,7 @@ from ..format import HALF_TO_FLOAT, TARGET_METADATA, Recipe, block_crc, topk_blo
 from ..geometry import read_u16
 from ..rules import magnitude_limits, replayable
 from ..schedule import IMAGE_PTR, ReplayClock, choose, read_epoch, sample_table
-from .reinforced_image import render_layout
+from ..render import render_layout
 
 DENSIFY = ('smooth', 'zeros')
 
