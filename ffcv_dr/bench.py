@@ -160,14 +160,20 @@ def write_mldr_folder(f: BetonFile, root: str):
                                        tuple(p['erase']) if p.get('erase') else None],
                             'prob': ([v for _, v in d['topk']], [c for c, _ in d['topk']])})
         torch.save((i, samples), os.path.join(mldr, f'{i}.pth.tar'))
-    r = f.recipe
-    torch.save({'reinforce': {'num_samples': r.num_samples, 'topk': r.topk, 'image_augmentation': {
-        'random_resized_crop': {'enable': True, 'size': r.size},
-        'random_horizontal_flip': {'enable': True, 'p': 0.5},
-        'rand_augment': {'enable': bool(r.ra_ops), 'num_ops': r.ra_ops},
-        'random_erase': {'enable': r.erase, 'p': 0.25}}}},
-        os.path.join(mldr, 'config.pth.tar'))
+    write_mldr_config(f.recipe, mldr)
     return images, mldr
+
+
+def write_mldr_config(r, mldr: str) -> str:
+    """ml-dr's ``config.pth.tar`` of the recipe ``r`` in the folder ``mldr``."""
+    path = os.path.join(mldr, 'config.pth.tar')
+    torch.save({'reinforce': {'num_samples': r.num_samples, 'topk': r.topk, 'image_augmentation': {
+        'random_resized_crop': {'enable': True, 'size': r.size, 'scale': r.scale, 'ratio': r.ratio},
+        'random_horizontal_flip': {'enable': True, 'p': 0.5},
+        'rand_augment': {'enable': bool(r.ra_ops), 'num_ops': r.ra_ops, 'magnitude': r.ra_magnitude},
+        'random_erase': {'enable': r.erase, 'p': r.erase_p},
+        'mixup': {'enable': r.mixing}, 'cutmix': {'enable': r.mixing}}}}, path)
+    return path
 
 
 class MldrStyleDataset(torch.utils.data.Dataset):

@@ -6,6 +6,9 @@ import json
 import os
 import sys
 
+from .format import (DEFAULT_CUTMIX, DEFAULT_ERASE_P, DEFAULT_MIXUP, DEFAULT_RA_MAGNITUDE, DEFAULT_RA_OPS,
+                     DEFAULT_RATIO, DEFAULT_SCALE, RECIPES)
+
 
 def _storage(args):
     from .storage import Storage
@@ -244,21 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help='reinforcements per image; 0 writes the images and the recipe only, '
                    'without a teacher, for training with fresh augmentations (train.mode=erm)')
     p.add_argument('--topk', type=int, default=10)
-    p.add_argument('--recipe', default='rrc+ra+re',
-                   choices=['rrc', 'rrc+ra+re', 'rrc+mix', 'rrc+ra+re+mix'],
+    p.add_argument('--recipe', default='rrc+ra+re', choices=RECIPES,
                    help='RandomResizedCrop+flip, + RandAugment and RandomErasing, + MixUp/CutMix')
     p.add_argument('--size', type=int, default=224, help='output side')
-    p.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='RandomResizedCrop scale')
-    p.add_argument('--ratio', type=float, nargs=2, default=(3 / 4, 4 / 3), help='RandomResizedCrop ratio')
-    p.add_argument('--ra-ops', type=int, default=2, help='RandAugment ops per image')
-    p.add_argument('--ra-magnitude', type=int, default=9, help='RandAugment magnitude bin (of 31)')
-    p.add_argument('--erase-p', type=float, default=0.25, help='RandomErasing probability')
-    p.add_argument('--mixup-p', type=float, default=0.5, help='MixUp probability (+mix recipes)')
-    p.add_argument('--mixup-alpha', type=float, default=1.0, help='MixUp Beta(alpha, alpha)')
-    p.add_argument('--mixup-div', type=float, default=2.0,
+    p.add_argument('--scale', type=float, nargs=2, default=DEFAULT_SCALE, help='RandomResizedCrop scale')
+    p.add_argument('--ratio', type=float, nargs=2, default=DEFAULT_RATIO, help='RandomResizedCrop ratio')
+    p.add_argument('--ra-ops', type=int, default=DEFAULT_RA_OPS, help='RandAugment ops per image')
+    p.add_argument('--ra-magnitude', type=int, default=DEFAULT_RA_MAGNITUDE,
+                   help='RandAugment magnitude bin (of 31)')
+    p.add_argument('--erase-p', type=float, default=DEFAULT_ERASE_P, help='RandomErasing probability')
+    p.add_argument('--mixup-p', type=float, default=DEFAULT_MIXUP[0], help='MixUp probability (+mix recipes)')
+    p.add_argument('--mixup-alpha', type=float, default=DEFAULT_MIXUP[1], help='MixUp Beta(alpha, alpha)')
+    p.add_argument('--mixup-div', type=float, default=DEFAULT_MIXUP[2],
                    help="MixUp's lam is divided by this (ml-dr's div_by)")
-    p.add_argument('--cutmix-p', type=float, default=0.5, help='CutMix probability (+mix recipes)')
-    p.add_argument('--cutmix-alpha', type=float, default=1.0, help='CutMix Beta(alpha, alpha)')
+    p.add_argument('--cutmix-p', type=float, default=DEFAULT_CUTMIX[0], help='CutMix probability (+mix recipes)')
+    p.add_argument('--cutmix-alpha', type=float, default=DEFAULT_CUTMIX[1], help='CutMix Beta(alpha, alpha)')
     p.add_argument('--batch-size', type=int, default=64, help='teacher batch')
     p.add_argument('--device', default='cpu', help='cpu or cuda (cuda:LOCAL_RANK under torchrun)')
     p.add_argument('--seed', type=int, default=0)

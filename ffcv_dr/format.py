@@ -131,6 +131,47 @@ MAX_SAMPLES = (1 << 16) - 1
 MAX_SIZE = 4096   # output side: a 4096 px batch slot already takes 48 MiB
 
 
+# ImageNet+'s recipe: the defaults of reinforce and the CLI, and what an ml-dr
+# config that leaves a value out means (torchvision's and ml-dr's defaults).
+DEFAULT_SCALE = (0.08, 1.0)      # RandomResizedCrop
+DEFAULT_RATIO = (3 / 4, 4 / 3)
+DEFAULT_RA_OPS = 2               # RandAugment
+DEFAULT_RA_MAGNITUDE = 9
+DEFAULT_ERASE_P = 0.25           # RandomErasing
+DEFAULT_MIXUP = (0.5, 1.0, 2.0)  # MixUp p, alpha, ml-dr's div_by
+DEFAULT_CUTMIX = (0.5, 1.0)      # CutMix p, alpha
+
+# The recipes reinforce draws: RandomResizedCrop and flip, then RandAugment and
+# RandomErasing, then MixUp/CutMix with a paired image.
+RECIPES = ('rrc', 'rrc+ra+re', 'rrc+mix', 'rrc+ra+re+mix')
+_RECIPE_PARTS = ('ra', 're', 'mix')
+
+
+@dataclass(frozen=True)
+class RecipeParts:
+    """What a recipe string (``rrc+ra+re+mix``) turns on."""
+    ra: bool
+    erase: bool
+    mixing: bool
+
+
+def parse_recipe(name: str) -> RecipeParts:
+    """The parts of a recipe string: ``rrc`` then any of ``+ra``, ``+re``,
+    ``+mix`` in that order; a ValueError names anything else."""
+    first, *rest = name.split('+')
+    if first != 'rrc' or len(set(rest)) != len(rest) or \
+            rest != [p for p in _RECIPE_PARTS if p in rest]:
+        raise ValueError(f'recipe {name!r} is not rrc[+ra][+re][+mix] (e.g. {", ".join(RECIPES)})')
+    return RecipeParts('ra' in rest, 're' in rest, 'mix' in rest)
+
+
+def recipe_name(recipe) -> str:
+    """The recipe string of a :class:`Recipe` (or :class:`RecipeParts`)."""
+    ra = recipe.ra if isinstance(recipe, RecipeParts) else recipe.ra_ops > 0
+    on = (ra, recipe.erase, recipe.mixing)
+    return '+'.join(['rrc'] + [p for p, used in zip(_RECIPE_PARTS, on) if used])
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What one file stores per image: its layout follows from these values."""
@@ -141,10 +182,10 @@ class Recipe:
     erase: bool = False    # RandomErasing boxes stored
     mixing: bool = False   # MixUp/CutMix with a paired image stored
     size: int = 224        # output side the recipe was made for
-    scale: tuple = (0.08, 1.0)      # RandomResizedCrop, as the reinforcements were drawn
-    ratio: tuple = (3 / 4, 4 / 3)
-    ra_magnitude: int = 9
-    erase_p: float = 0.25
+    scale: tuple = DEFAULT_SCALE    # RandomResizedCrop, as the reinforcements were drawn
+    ratio: tuple = DEFAULT_RATIO
+    ra_magnitude: int = DEFAULT_RA_MAGNITUDE
+    erase_p: float = DEFAULT_ERASE_P
 
     def __post_init__(self):
         if not 0 <= self.num_samples <= MAX_SAMPLES:  # 0: images and labels only

@@ -29,20 +29,21 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .render import fresh_settings, render, render_layout, temp_size
-from .format import (FORMAT_VERSION, FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, IMAGE_METADATA,
-                     Recipe, reinforcement_dtype, topk_dtype)
+from .format import (DEFAULT_CUTMIX, DEFAULT_ERASE_P, DEFAULT_MIXUP, DEFAULT_RA_MAGNITUDE, DEFAULT_RA_OPS,
+                     DEFAULT_RATIO, DEFAULT_SCALE, FLIP, FORMAT_VERSION, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP,
+                     HAS_PAIR, HAS_RA, IMAGE_METADATA, RECIPES, Recipe, parse_recipe, reinforcement_dtype,
+                     topk_dtype)
 from .geometry import fresh_flip, random_erasing, random_resized_crop
 from .intake import list_images, probe_images, readable
 from .jobs import (ConvertError, JobError, OutputLock, changed, check_output, digest, disk_full,
                    images_digest, is_disk_full, scratch_dir)
 from .randaugment import draw_ops
+from .render import fresh_settings, render, render_layout, temp_size
 from .schedule import STREAM_FRESH_ERASE, STREAM_FRESH_RA, splitmix64
 from .storage import Storage, stored_image
 from .teachers import load_teacher
 from .writer import output_dir, write_beton
 
-RECIPES = ('rrc', 'rrc+ra+re', 'rrc+mix', 'rrc+ra+re+mix')
 _PAIR_VIEW = np.uint64(0x50414952)   # seed offset of the paired image's view ('PAIR')
 _MIXING = 0x4D4958                   # seed-sequence word of the mixing draws ('MIX')
 
@@ -255,11 +256,12 @@ class _NoReinforcements:
 
 def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet_lite0',
               samples: int = 8, topk: int = 10, recipe: str = 'rrc+ra+re', size: int = 224,
-              scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), ra_ops: int = 2, ra_magnitude: int = 9,
-              erase_p: float = 0.25, batch_size: int = 64, device: str = 'cpu', seed: int = 0,
+              scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO, ra_ops: int = DEFAULT_RA_OPS,
+              ra_magnitude: int = DEFAULT_RA_MAGNITUDE, erase_p: float = DEFAULT_ERASE_P,
+              batch_size: int = 64, device: str = 'cpu', seed: int = 0,
               checkpoints=(), chunk: int = 64, num_workers: int = None,
               storage: Storage = Storage(), pretrained: bool = True,
-              mixup=(0.5, 1.0, 2.0), cutmix=(0.5, 1.0), skip_bad: bool = False,
+              mixup=DEFAULT_MIXUP, cutmix=DEFAULT_CUTMIX, skip_bad: bool = False,
               teacher_size: int = None, restart: bool = False) -> dict:
     """Reinforce the ImageFolder ``images_dir`` into ``output`` (see the module
     docstring). ``mixup`` is (p, alpha, div_by) and ``cutmix`` (p, alpha), used
@@ -274,12 +276,12 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     away those of another run instead of refusing."""
     if recipe not in RECIPES:
         raise ConvertError(f'recipe {recipe!r} is not supported (choose from {", ".join(RECIPES)})')
+    parts = parse_recipe(recipe)
     num_workers = num_workers or os.cpu_count()
     settings = Settings(teacher, tuple(checkpoints), teacher_size or 0, recipe, samples, topk, size, tuple(scale),
-                        tuple(ratio), ra_ops if '+ra' in recipe else 0, ra_magnitude,
-                        erase_p if '+re' in recipe else 0.0, seed, chunk, batch_size,
-                        storage, *((tuple(mixup), tuple(cutmix)) if '+mix' in recipe
-                                               else ()))
+                        tuple(ratio), ra_ops if parts.ra else 0, ra_magnitude,
+                        erase_p if parts.erase else 0.0, seed, chunk, batch_size,
+                        storage, *((tuple(mixup), tuple(cutmix)) if parts.mixing else ()))
     rank, world = _world(device)
     if device == 'cuda':
         device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
@@ -298,7 +300,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
             probe = torch.zeros(1, size, size, 3, dtype=torch.uint8, device=device)
             num_classes = int(model(probe).shape[-1])
         rec = Recipe(num_samples=samples, topk=topk, num_classes=num_classes,
-                     ra_ops=settings.ra_ops, erase='+re' in recipe, mixing='+mix' in recipe, size=size,
+                     ra_ops=settings.ra_ops, erase=parts.erase, mixing=parts.mixing, size=size,
                      scale=scale, ratio=ratio, ra_magnitude=ra_magnitude, erase_p=settings.erase_p)
         fresh = fresh_settings(rec)
         layout, key = render_layout(rec), np.uint64(seed)

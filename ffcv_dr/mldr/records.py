@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
-                      RA_OPS, Recipe, reinforcement_dtype, topk_dtype)
+from ..format import (DEFAULT_ERASE_P, DEFAULT_RA_MAGNITUDE, DEFAULT_RA_OPS, DEFAULT_RATIO,
+                      DEFAULT_SCALE, FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, RA_OPS,
+                      Recipe, reinforcement_dtype, topk_dtype)
 from .checks import store_views, topk_unfit
 from .limits import sample_limits
 from .reader import read_views
@@ -28,15 +29,15 @@ def recipe_from_config(config, name: str, num_classes: int) -> Recipe:
         ra, rrc = aug.get('rand_augment', {}), aug['random_resized_crop']
         return Recipe(num_samples=int(rein['num_samples']), topk=int(rein['topk']),
                       num_classes=num_classes,
-                      ra_ops=int(ra.get('num_ops', 2)) if enabled('rand_augment') else 0,
+                      ra_ops=int(ra.get('num_ops', DEFAULT_RA_OPS)) if enabled('rand_augment') else 0,
                       erase=enabled('random_erase'),
                       mixing=enabled('mixup') or enabled('cutmix'),
                       size=int(rrc.get('size', 224)),
                       # torchvision's defaults where ml-dr's config leaves them out
-                      scale=tuple(rrc.get('scale', (0.08, 1.0))),
-                      ratio=tuple(rrc.get('ratio', (3 / 4, 4 / 3))),
-                      ra_magnitude=int(ra.get('magnitude', 9)),
-                      erase_p=float(aug.get('random_erase', {}).get('p', 0.25)))
+                      scale=tuple(rrc.get('scale', DEFAULT_SCALE)),
+                      ratio=tuple(rrc.get('ratio', DEFAULT_RATIO)),
+                      ra_magnitude=int(ra.get('magnitude', DEFAULT_RA_MAGNITUDE)),
+                      erase_p=float(aug.get('random_erase', {}).get('p', DEFAULT_ERASE_P)))
     except MldrError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
