@@ -30,16 +30,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .format import (DEFAULT_CUTMIX, DEFAULT_ERASE_P, DEFAULT_MIXUP, DEFAULT_RA_MAGNITUDE, DEFAULT_RA_OPS,
-                     DEFAULT_RATIO, DEFAULT_SCALE, FLIP, FORMAT_VERSION, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP,
-                     HAS_PAIR, HAS_RA, IMAGE_METADATA, RECIPES, Recipe, parse_recipe, reinforcement_dtype,
-                     topk_dtype)
-from .geometry import fresh_flip, random_erasing, random_resized_crop
+                     DEFAULT_RATIO, DEFAULT_SCALE, FORMAT_VERSION, HAS_CUTMIX, HAS_MIXUP, HAS_PAIR,
+                     IMAGE_METADATA, RECIPES, Recipe, parse_recipe, reinforcement_dtype, topk_dtype)
 from .intake import list_images, probe_images, readable
 from .jobs import (ConvertError, JobError, OutputLock, changed, check_output, digest, disk_full,
                    images_digest, is_disk_full, scratch_dir)
-from .randaugment import draw_ops
-from .render import fresh_settings, render, render_layout, temp_size
-from .schedule import STREAM_FRESH_ERASE, STREAM_FRESH_RA, splitmix64
+from .render import draw_view, fresh_settings, render, render_layout, temp_size
+from .schedule import splitmix64
 from .storage import Storage, stored_image
 from .teachers import load_teacher
 from .writer import output_dir, write_beton
@@ -69,27 +66,6 @@ class Settings:
     storage: Storage
     mixup: tuple = (0.0, 0.0, 1.0)   # (p, alpha, div_by), as ml-dr's MixUp
     cutmix: tuple = (0.0, 0.0)       # (p, alpha), as ml-dr's CutMix
-
-
-def _draw_view(rec, prefix: str, recipe: Recipe, fresh, orig_h: int, orig_w: int, seed, j, index):
-    """Crop, flip, RandAugment and erase of one view, drawn from the schedule at
-    (seed, j, index) with the fresh-sample kernels."""
-    rec[prefix + 'crop'] = random_resized_crop(orig_h, orig_w, fresh.scale_lo, fresh.scale_hi,
-                                               fresh.ratio_lo, fresh.ratio_hi, seed, j, index)
-    flags = FLIP if fresh_flip(seed, j, index) else 0
-    if recipe.ra_ops:
-        ops = np.empty(recipe.ra_ops, np.uint8)
-        mags = np.empty(recipe.ra_ops, np.float32)
-        draw_ops(fresh.ra_mags, fresh.ra_signed, seed, j, index, STREAM_FRESH_RA, ops, mags)
-        rec[prefix + 'ra_op'], rec[prefix + 'ra_mag'] = ops, mags
-        flags |= HAS_RA
-    if recipe.erase:
-        box = random_erasing(recipe.size, recipe.size, fresh.erase_p, seed, j, index,
-                             STREAM_FRESH_ERASE)
-        if box[2]:
-            rec[prefix + 'erase'] = box
-            flags |= HAS_ERASE
-    rec[prefix + 'flags'] = flags
 
 
 def _draw_mixing(rec, settings: Settings, num_images: int, size: int, seed, j, index) -> int:
@@ -125,15 +101,17 @@ def sample_records(recipe: Recipe, settings: Settings, fresh, index: int, sizes,
     recipes the paired image's view draws from a seed derived from ``seed``.
     ``sizes`` holds the original (width, height) of every image."""
     records = np.zeros(recipe.num_samples, reinforcement_dtype(recipe))
+    raw = records.view(np.uint8).reshape(len(records), -1)
+    layout = render_layout(recipe)
     orig_w, orig_h = sizes[index]
     pair_seed = splitmix64(seed ^ _PAIR_VIEW)
     for j, rec in enumerate(records):
-        _draw_view(rec, '', recipe, fresh, orig_h, orig_w, seed, j, index)
+        draw_view(raw[j], layout.own, layout, fresh, orig_h, orig_w, seed, j, index)
         if recipe.mixing:
             pair = _draw_mixing(rec, settings, len(sizes), recipe.size, seed, j, index)
             if pair >= 0:
                 pair_w, pair_h = sizes[pair]
-                _draw_view(rec, 'pair_', recipe, fresh, pair_h, pair_w, pair_seed, j, index)
+                draw_view(raw[j], layout.paired, layout, fresh, pair_h, pair_w, pair_seed, j, index)
     return records
 
 

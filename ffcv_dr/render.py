@@ -140,25 +140,51 @@ def _scale_out_box(box, sy, sx):
     return t, l, int(round((top + h) * sy)) - t, int(round((left + w) * sx)) - l
 
 
+@nb.njit(nogil=True, fastmath=False, inline='always', cache=True)
+def _write_u16(buf, offset, value):
+    buf[offset] = value & 0xFF
+    buf[offset + 1] = (value >> 8) & 0xFF
+
+
 @nb.njit(nogil=True, fastmath=False, cache=True)
-def render_fresh(block, meta, seed, epoch, index, layout, fresh, scratch, out):
-    """A fresh augmentation with the recipe's ops, drawn from (seed, epoch, index)."""
-    height, width = np.int64(meta['height']), np.int64(meta['width'])
-    top, left, h, w = random_resized_crop(height, width, fresh.scale_lo, fresh.scale_hi,
-                                          fresh.ratio_lo, fresh.ratio_hi, seed, epoch, index)
-    crop_resize(block[layout.params_size:], meta['mode'], height, width, top, left, h, w, out)
-    if fresh_flip(seed, epoch, index):
-        hflip_inplace(out)
+def draw_view(rec, view, layout, fresh, orig_h, orig_w, seed, j, index):
+    """Draw one view (crop in the original pixels, flip, RandAugment, erase in
+    the recipe's output) from the schedule at (seed, j, index) into the record
+    bytes ``rec``: the one path by which ``reinforce`` makes reinforcement j
+    and the loader makes the fresh sample of epoch j."""
+    top, left, h, w = random_resized_crop(orig_h, orig_w, fresh.scale_lo, fresh.scale_hi,
+                                          fresh.ratio_lo, fresh.ratio_hi, seed, j, index)
+    for k, v in enumerate((top, left, h, w)):
+        _write_u16(rec, view.crop + 2 * k, v)
+    flags = FLIP if fresh_flip(seed, j, index) else 0
     if layout.num_ops:
         ops = np.empty(layout.num_ops, np.uint8)
         mags = np.empty(layout.num_ops, np.float32)
-        draw_ops(fresh.ra_mags, fresh.ra_signed, seed, epoch, index, STREAM_FRESH_RA, ops, mags)
-        sy, sx = out.shape[0] / layout.size, out.shape[1] / layout.size
+        draw_ops(fresh.ra_mags, fresh.ra_signed, seed, j, index, STREAM_FRESH_RA, ops, mags)
         for k in range(layout.num_ops):
-            apply_op(out, scratch, ops[k], mags[k], sy, sx)
-    if fresh.erase_p > 0:
-        erase(out, *random_erasing(out.shape[0], out.shape[1], fresh.erase_p,
-                                   seed, epoch, index, STREAM_FRESH_ERASE))
+            rec[view.ra_op + k] = ops[k]
+            rec[view.ra_mag + 4 * k:view.ra_mag + 4 * k + 4].view(np.float32)[0] = mags[k]
+        flags |= HAS_RA
+    if view.erase >= 0 and fresh.erase_p > 0:
+        box = random_erasing(layout.size, layout.size, fresh.erase_p, seed, j, index, STREAM_FRESH_ERASE)
+        if box[2]:
+            for k in range(4):
+                if view.erase_wide:
+                    _write_u16(rec, view.erase + 2 * k, box[k])
+                else:
+                    rec[view.erase + k] = box[k]
+            flags |= HAS_ERASE
+    rec[view.flags] = flags
+
+
+@nb.njit(nogil=True, fastmath=False, cache=True)
+def render_fresh(block, meta, seed, epoch, index, layout, fresh, scratch, out):
+    """A fresh augmentation drawn from (seed, epoch, index) as a record, then
+    rendered as a stored one."""
+    rec = np.zeros(layout.record_size, np.uint8)
+    draw_view(rec, layout.own, layout, fresh, np.int64(meta['orig_height']), np.int64(meta['orig_width']),
+              seed, epoch, index)
+    render_stored(block, meta, rec, layout.own, layout, scratch, out)
 
 
 @nb.njit(nogil=True, fastmath=False, cache=True)
