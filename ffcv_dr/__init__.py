@@ -2,8 +2,8 @@
 from . import ffcv_fixes  # noqa: F401  (must run before any Loader is built)
 from .fields import CUSTOM_FIELDS
 from .format import Recipe
-from .pipelines import Loader, train_pipelines
+from .pipelines import Loader, normalization, train_pipelines
 from .schedule import ReplayClock
 
-__all__ = ['CUSTOM_FIELDS', 'Loader', 'Recipe', 'ReplayClock', 'train_pipelines']
+__all__ = ['CUSTOM_FIELDS', 'Loader', 'Recipe', 'ReplayClock', 'normalization', 'train_pipelines']
 __version__ = '0.1.0'

@@ -21,6 +21,21 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
 
 
+def normalization(model) -> dict:
+    """``mean`` and ``std`` (0..255 pixel units) a network was trained with, for
+    :class:`Loader`: those of an ffcv-dr :class:`~ffcv_dr.models.Classifier`
+    (the bundled EfficientNet-Lite0 wants ``(x - 127) / 128``, not ImageNet's)
+    or of a timm model's pretrained config."""
+    from ..models import Classifier
+    if isinstance(model, Classifier):
+        return {'mean': model.mean.flatten().cpu().numpy().astype(np.float64),
+                'std': model.std.flatten().cpu().numpy().astype(np.float64)}
+    cfg = getattr(model, 'pretrained_cfg', None)
+    if not cfg or 'mean' not in cfg or 'std' not in cfg:
+        raise ValueError(f'{type(model).__name__} says nothing of its normalisation; pass mean and std')
+    return {'mean': np.array(cfg['mean']) * 255, 'std': np.array(cfg['std']) * 255}
+
+
 def image_stages(device=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=np.float16) -> list:
     """What follows an image decoder: uint8 NHWC CPU tensors without a device;
     with one, normalised NCHW channels_last images as ffcv-imagenet's
@@ -69,7 +84,9 @@ class Loader(ffcv.loader.Loader):
     without mixing) with the one-hot label (ml-dr trains with 0.99). Mixing
     recipes need ``os_cache=True``: paired images are read from the file.
     :meth:`set_output_size` changes the image size between epochs
-    (progressive resizing) without recompiling anything.
+    (progressive resizing) without recompiling anything. With a ``device``,
+    images come normalised with ``mean`` and ``std`` (0..255 units; ImageNet's
+    by default): pass ``**normalization(model)`` for a model trained otherwise.
     """
 
     def __init__(self, fname: str, batch_size: int, num_workers: int = -1,
@@ -78,11 +95,11 @@ class Loader(ffcv.loader.Loader):
                  device=None, densify: str = 'smooth', labels: bool = False,
                  reinforcement_index: bool = False, indices: Sequence[int] = None,
                  os_cache: bool = True, drop_last: bool = True, batches_ahead: int = 3,
-                 dtype=np.float16):
+                 dtype=np.float16, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.clock = ReplayClock(seed, p)
         self.clock.bind(BetonFile(fname))  # refuses, naming the file, sample and field, a bad file
         pipelines = train_pipelines(self.clock, output_size, device, densify, labels,
-                                    reinforcement_index, dtype=dtype)
+                                    reinforcement_index, mean, std, dtype)
         self.image_decoder = pipelines['image'][0]
         try:  # the decoders refuse, when compiled here, what this file cannot give
             super().__init__(fname, batch_size, num_workers=num_workers, os_cache=os_cache,
