@@ -186,12 +186,24 @@ def test_killed_run_resumes_without_redoing_chunks(one_process, small_images, tm
     assert not os.path.exists(parts)
 
 
-def test_inspect_draws_the_chosen_replays(one_process, tmp_path):
+def test_inspect_draws_the_chosen_replays(one_process, tmp_path, monkeypatch):
+    """Each panel is a replay of its row's image (three different
+    reinforcements per row), as the loader renders it."""
+    import matplotlib.axes
     from PIL import Image
     from ffcv_dr.cli import main
+    drawn, imshow = [], matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, 'imshow',
+                        lambda ax, img, *a, **kw: (drawn.append(np.array(img)), imshow(ax, img, *a, **kw))[1])
     png = str(tmp_path / 'grid.png')
     assert main(['inspect', one_process, '--out', png, '--index', '0', '--index', '7',
                  '--samples', '3']) == 0
+    f = BetonFile(one_process)
+    assert len(drawn) == 6
+    for row, i in enumerate([0, 7]):
+        replays = [f.render(i, j) for j in range(f.recipe.num_samples)]
+        chosen = [next(j for j, r in enumerate(replays) if np.array_equal(r, img)) for img in drawn[3 * row:3 * row + 3]]
+        assert len(set(chosen)) == 3, chosen
     grid = Image.open(png)
     assert grid.width > grid.height  # two rows of three replays
     assert main(['inspect', one_process, '--out', png, '--index', '12']) == 1  # outside 0..11
