@@ -16,7 +16,8 @@ from ffcv_dr.bench import _decode_all
 from ffcv_dr.beton import BetonFile
 from ffcv_dr.render import (fresh_settings, render, render_layout, replay_view,
                                              temp_size)
-from ffcv_dr.geometry import read_u16, scale_box
+from ffcv_dr.geometry import scale_box
+from ffcv_dr.record_bytes import read_u16
 from ffcv_dr.jpeg import decode_crop_resize
 from ffcv_dr.rules import magnitude_limits, sample_problem
 

@@ -141,7 +141,7 @@ def _verify(args):
 
 
 def _inspect(args):
-    from .grid import draw_grid
+    from .inspect_grid import draw_grid
     indices = draw_grid(args.beton, args.out, indices=args.index, samples=args.samples,
                         rows=args.rows, seed=args.seed)
     print(f'wrote {args.out}: images {indices}')

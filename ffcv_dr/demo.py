@@ -24,7 +24,7 @@ def write_photos(root: str) -> str:
 
 def run_demo(out_dir: str = 'out/demo', samples: int = 8, workers: int = None) -> dict:
     from ffcv.loader import OrderOption
-    from .grid import draw_grid
+    from .inspect_grid import draw_grid
     from .pipelines import Loader, epoch_rates
     from .reinforce import reinforce
     os.makedirs(out_dir, exist_ok=True)

@@ -2,15 +2,8 @@
 import math
 
 import numba as nb
-import numpy as np
 
-from .schedule import STREAM_FRESH, uniform
-
-
-@nb.njit(nogil=True, fastmath=False, inline='always', cache=True)
-def read_u16(buf, offset):
-    """Little-endian uint16 at a byte offset (records are packed, not aligned)."""
-    return np.int64(buf[offset]) | (np.int64(buf[offset + 1]) << 8)
+from .replay_clock import STREAM_FRESH, uniform
 
 
 @nb.njit(nogil=True, fastmath=False, cache=True)

@@ -17,7 +17,7 @@ import math
 import numba as nb
 import numpy as np
 
-from .schedule import uniform
+from .replay_clock import uniform
 
 (IDENTITY, SHEAR_X, SHEAR_Y, TRANSLATE_X, TRANSLATE_Y, ROTATE, BRIGHTNESS, COLOR,
  CONTRAST, SHARPNESS, POSTERIZE, SOLARIZE, AUTOCONTRAST, EQUALIZE) = range(14)

@@ -36,7 +36,7 @@ from .intake import list_images, probe_images, readable
 from .jobs import (ConvertError, JobError, OutputLock, changed, check_output, digest, disk_full,
                    images_digest, is_disk_full, scratch_dir)
 from .render import draw_view, fresh_settings, render, render_layout, temp_size
-from .schedule import splitmix64
+from .replay_clock import splitmix64
 from .storage import Storage, stored_image
 from .teachers import load_teacher
 from .writer import output_dir, write_beton

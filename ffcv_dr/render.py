@@ -15,12 +15,12 @@ import numpy as np
 
 from .format import (FLIP, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA, Recipe, field_offset,
                      reinforcement_dtype)
-from .geometry import (erase, fresh_flip, hflip_inplace, random_erasing, random_resized_crop,
-                       read_u16, scale_box)
+from .geometry import erase, fresh_flip, hflip_inplace, random_erasing, random_resized_crop, scale_box
 from .jpeg import crop_resize
 from .mixing import cutmix, mixup
 from .randaugment import apply_op, draw_ops, magnitude_table
-from .schedule import STREAM_FRESH_ERASE, STREAM_FRESH_RA
+from .record_bytes import read_f32, read_u16, write_f32, write_u16
+from .replay_clock import STREAM_FRESH_ERASE, STREAM_FRESH_RA
 
 
 View = namedtuple('View', 'crop flags ra_op ra_mag erase erase_wide')
@@ -64,11 +64,6 @@ def temp_size(recipe: Recipe, out_shape) -> int:
     return out_shape[0] * out_shape[1] * 3 * (2 if recipe.mixing else 1)
 
 
-@nb.njit(nogil=True, fastmath=False, inline='always', cache=True)
-def _read_f32(buf, offset):
-    return buf[offset:offset + 4].view(np.float32)[0]
-
-
 @nb.njit(nogil=True, fastmath=False, cache=True)
 def pair_index(block, j, layout):
     """The image that reinforcement j of this block mixes with, or -1."""
@@ -104,7 +99,7 @@ def replay_view(out, rec, view, layout, scratch):
     sx = out.shape[1] / layout.size
     if flags & HAS_RA:
         for k in range(layout.num_ops):
-            apply_op(out, scratch, rec[view.ra_op + k], _read_f32(rec, view.ra_mag + 4 * k), sy, sx)
+            apply_op(out, scratch, rec[view.ra_op + k], read_f32(rec, view.ra_mag + 4 * k), sy, sx)
     if flags & HAS_ERASE:
         if view.erase_wide:
             box = (read_u16(rec, view.erase), read_u16(rec, view.erase + 2),
@@ -120,7 +115,7 @@ def replay_mixing(out, paired, rec, layout):
     """MixUp, then CutMix, of ``out`` with the rendered paired image."""
     flags = rec[layout.mix_flags]
     if flags & HAS_MIXUP:
-        mixup(out, paired, np.float64(_read_f32(rec, layout.mixup_lam)))
+        mixup(out, paired, np.float64(read_f32(rec, layout.mixup_lam)))
     if flags & HAS_CUTMIX:
         b = layout.cutmix_box
         r1, c1, r2, c2 = (read_u16(rec, b), read_u16(rec, b + 2),
@@ -140,12 +135,6 @@ def _scale_out_box(box, sy, sx):
     return t, l, int(round((top + h) * sy)) - t, int(round((left + w) * sx)) - l
 
 
-@nb.njit(nogil=True, fastmath=False, inline='always', cache=True)
-def _write_u16(buf, offset, value):
-    buf[offset] = value & 0xFF
-    buf[offset + 1] = (value >> 8) & 0xFF
-
-
 @nb.njit(nogil=True, fastmath=False, cache=True)
 def draw_view(rec, view, layout, fresh, orig_h, orig_w, seed, j, index):
     """Draw one view (crop in the original pixels, flip, RandAugment, erase in
@@ -155,7 +144,7 @@ def draw_view(rec, view, layout, fresh, orig_h, orig_w, seed, j, index):
     top, left, h, w = random_resized_crop(orig_h, orig_w, fresh.scale_lo, fresh.scale_hi,
                                           fresh.ratio_lo, fresh.ratio_hi, seed, j, index)
     for k, v in enumerate((top, left, h, w)):
-        _write_u16(rec, view.crop + 2 * k, v)
+        write_u16(rec, view.crop + 2 * k, v)
     flags = FLIP if fresh_flip(seed, j, index) else 0
     if layout.num_ops:
         ops = np.empty(layout.num_ops, np.uint8)
@@ -163,14 +152,14 @@ def draw_view(rec, view, layout, fresh, orig_h, orig_w, seed, j, index):
         draw_ops(fresh.ra_mags, fresh.ra_signed, seed, j, index, STREAM_FRESH_RA, ops, mags)
         for k in range(layout.num_ops):
             rec[view.ra_op + k] = ops[k]
-            rec[view.ra_mag + 4 * k:view.ra_mag + 4 * k + 4].view(np.float32)[0] = mags[k]
+            write_f32(rec, view.ra_mag + 4 * k, mags[k])
         flags |= HAS_RA
     if view.erase >= 0 and fresh.erase_p > 0:
         box = random_erasing(layout.size, layout.size, fresh.erase_p, seed, j, index, STREAM_FRESH_ERASE)
         if box[2]:
             for k in range(4):
                 if view.erase_wide:
-                    _write_u16(rec, view.erase + 2 * k, box[k])
+                    write_u16(rec, view.erase + 2 * k, box[k])
                 else:
                     rec[view.erase + k] = box[k]
             flags |= HAS_ERASE
@@ -197,7 +186,7 @@ def render(block, meta, pair_block, pair_meta, j, seed, epoch, index, temp, out,
     and ``pair_meta`` are those of :func:`pair_index`'s image (any image when
     there is none). ``temp`` holds :func:`temp_size` bytes. It lives at module
     level, so every loader shares one compiled copy (which is why
-    ``ffcv_fixes`` must keep FFCV from mutating numba's interned array types).
+    ``ffcv_patches`` must keep FFCV from mutating numba's interned array types).
     """
     n = out.size
     scratch = temp[:n].reshape(out.shape)

@@ -19,8 +19,8 @@ import numpy as np
 
 from .format import (FLIP, HALF_TO_FLOAT, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
                      STORED_JPEG, STORED_RAW, topk_block_size)
-from .geometry import read_u16
-from .schedule import DAMAGED, ORIG_H, ORIG_W
+from .record_bytes import read_u16
+from .replay_clock import DAMAGED, ORIG_H, ORIG_W
 
 
 def header_problem(path: str):
@@ -258,7 +258,7 @@ def sample_problem(params, topk_block, j, layout, limits, topk, num_classes, ind
 def replayable(j, params, topk_block, index, table, layout, limits, topk, num_classes):
     """``j``, or -1 (a fresh augmentation with the label) when reinforcement j
     of sample ``index`` breaks a rule, which is marked in the loader's
-    ``table`` (see :class:`ffcv_dr.schedule.ReplayClock`). The image, target
+    ``table`` (see :class:`ffcv_dr.replay_clock.ReplayClock`). The image, target
     and index decoders all ask, so they agree."""
     if j >= 0 and sample_problem(params, topk_block, j, layout, limits, topk, num_classes, index,
                                  table[:, ORIG_H:ORIG_W + 1]):

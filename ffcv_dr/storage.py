@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .format import STORED_JPEG, STORED_RAW
-from .schedule import uniform
+from .replay_clock import uniform
 
 WRITE_MODES = ('original', 'jpg', 'raw', 'proportion', 'smart')
 FORMAT_REENCODE = dict(quality=95, subsampling=0)   # original mode: keep the detail of CMYK, PNG...

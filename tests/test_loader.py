@@ -12,7 +12,7 @@ from ffcv_dr.beton import BetonFile
 from ffcv_dr.intake import list_images
 from ffcv_dr.geometry import random_erasing
 from ffcv_dr.randaugment import POSTERIZE, draw_ops, magnitude_table
-from ffcv_dr.schedule import STREAM_FRESH_ERASE, STREAM_FRESH_RA, choose
+from ffcv_dr.replay_clock import STREAM_FRESH_ERASE, STREAM_FRESH_RA, choose
 
 
 pytestmark = needs_shared

@@ -15,7 +15,7 @@ from ffcv.pipeline.state import State
 from ..format import IMAGE_METADATA, Recipe, block_crc, reinforcement_dtype
 from ..render import fresh_settings, pair_index, render, render_layout, temp_size
 from ..rules import magnitude_limits, replayable
-from ..schedule import TARGET_PTR, ReplayClock, choose, read_epoch, sample_table
+from ..replay_clock import TARGET_PTR, ReplayClock, choose, read_epoch, sample_table
 
 
 class ReinforcedImageField(Field):

@@ -14,9 +14,9 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 
 from ..format import HALF_TO_FLOAT, TARGET_METADATA, Recipe, block_crc, topk_block_size, topk_dtype
-from ..geometry import read_u16
+from ..record_bytes import read_u16
 from ..rules import magnitude_limits, replayable
-from ..schedule import IMAGE_PTR, ReplayClock, choose, read_epoch, sample_table
+from ..replay_clock import IMAGE_PTR, ReplayClock, choose, read_epoch, sample_table
 from ..render import render_layout
 
 DENSIFY = ('smooth', 'zeros')

@@ -15,7 +15,7 @@ from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorch
 from ..beton import BetonFile
 from ..fields import (CUSTOM_FIELDS, ReinforcedImageDecoder, ReinforcementIndexDecoder,
                       SoftTargetDecoder)
-from ..schedule import ReplayClock
+from ..replay_clock import ReplayClock
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
