@@ -2,8 +2,8 @@
 
 Unpickling an ImageNet+ file (400 reinforcements) builds some 20,000 Python
 objects only for :func:`ffcv_dr.mldr.records.parse_sample` to turn them back into
-arrays: 2.9 ms per image, most of ``ffcv-dr convert``'s time; this reader takes
-0.35 ms. Here numba runs the pickle's opcodes into a flat
+arrays, and was most of ``ffcv-dr convert``'s time (the stages are timed in
+``benchmarks/results.md``). Here numba runs the pickle's opcodes into a flat
 arena of nodes and reads ml-dr's layout (no mixing) from it straight into
 arrays. It knows only the opcodes of plain lists, tuples, dicts, strings,
 numbers, booleans and None, so it never calls anything; whatever it does not
