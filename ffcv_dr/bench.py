@@ -51,6 +51,7 @@ from .beton import BetonFile
 from .writer import WRITER_CHUNK
 from .format import RA_OPS, STORED_JPEG
 from .mldr import load_pickle, sample_limits
+from .mldr.export import write_mldr_files
 from .pipelines import epoch_rate, epoch_rates, image_stages
 
 _imdecode = nb.njit(nogil=True)(imdecode)
@@ -141,39 +142,16 @@ def plain_ffcv_loader(path, batch_size, workers, size, device=None, indices=None
 
 def write_mldr_folder(f: BetonFile, root: str):
     """The .beton's contents as ml-dr distributes them: an ImageFolder of the
-    JPEGs and a reinforced_data folder with one pickle per image (the format
-    of ml-dr's ImageNet+ archives, written with torch.save as ml-dr does)."""
+    JPEGs and a reinforced_data folder with one pickle per image."""
     images, mldr = os.path.join(root, 'images'), os.path.join(root, 'reinforced_data')
-    os.makedirs(mldr)
     labels = [f.label(i) for i in range(len(f))]
     if labels != sorted(labels):
         raise ValueError(f'{f.path}: labels are not in ImageFolder order')
     for i, label in enumerate(labels):
         os.makedirs(os.path.join(images, f'{label:05d}'), exist_ok=True)
         f.payload(i).tofile(os.path.join(images, f'{label:05d}', f'{i:08d}.jpg'))
-        samples = []
-        for k in range(f.recipe.num_samples):
-            d = f.describe(i, k)
-            p = d['params']
-            ra = [(RA_OPS.index(op), m) for op, m in p['rand_augment']] if p.get('rand_augment') else None
-            samples.append({'params': [tuple(p['crop']), p['flip'], ra,
-                                       tuple(p['erase']) if p.get('erase') else None],
-                            'prob': ([v for _, v in d['topk']], [c for c, _ in d['topk']])})
-        torch.save((i, samples), os.path.join(mldr, f'{i}.pth.tar'))
-    write_mldr_config(f.recipe, mldr)
+    write_mldr_files(f, mldr)
     return images, mldr
-
-
-def write_mldr_config(r, mldr: str) -> str:
-    """ml-dr's ``config.pth.tar`` of the recipe ``r`` in the folder ``mldr``."""
-    path = os.path.join(mldr, 'config.pth.tar')
-    torch.save({'reinforce': {'num_samples': r.num_samples, 'topk': r.topk, 'image_augmentation': {
-        'random_resized_crop': {'enable': True, 'size': r.size, 'scale': r.scale, 'ratio': r.ratio},
-        'random_horizontal_flip': {'enable': True, 'p': 0.5},
-        'rand_augment': {'enable': bool(r.ra_ops), 'num_ops': r.ra_ops, 'magnitude': r.ra_magnitude},
-        'random_erase': {'enable': r.erase, 'p': r.erase_p},
-        'mixup': {'enable': r.mixing}, 'cutmix': {'enable': r.mixing}}}}, path)
-    return path
 
 
 class MldrStyleDataset(torch.utils.data.Dataset):

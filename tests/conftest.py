@@ -3,20 +3,37 @@ import tarfile
 
 import pytest
 
-SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..', 'shared'))
-IMAGES = os.path.join(SHARED, 'data', 'imagenet-sample', 'train')
-RANDAUG = os.path.join(SHARED, 'fixtures', 'mldr-randaug', 'reinforced_data')
-MIXING = os.path.join(SHARED, 'fixtures', 'mldr-mixing', 'reinforced_data')
+import local_data
 
-needs_shared = pytest.mark.skipif(not os.path.isdir(IMAGES),
-                                  reason=f'real data not found at {SHARED} (../shared)')
+SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..', 'shared'))
+# ../shared's real ImageNet sample and ml-dr's own reinforcements of it; where it
+# is absent (or FFCV_DR_TESTS_WITHOUT_SHARED=1, to run as a clone alone does),
+# the same shapes of data made here (tests/local_data.py).
+HAVE_SHARED = (os.path.isdir(os.path.join(SHARED, 'data', 'imagenet-sample', 'train'))
+               and not os.environ.get('FFCV_DR_TESTS_WITHOUT_SHARED'))
+if HAVE_SHARED:
+    IMAGES = os.path.join(SHARED, 'data', 'imagenet-sample', 'train')
+    RANDAUG = os.path.join(SHARED, 'fixtures', 'mldr-randaug', 'reinforced_data')
+    MIXING = os.path.join(SHARED, 'fixtures', 'mldr-mixing', 'reinforced_data')
+else:
+    IMAGES, RANDAUG, MIXING = local_data.IMAGES, local_data.RANDAUG, local_data.MIXING
+
+# Only comparisons with ml-dr's own outputs (its golden replays and pickles) and
+# facts of the real ImageNet photos need ../shared.
+needs_shared = pytest.mark.skipif(not HAVE_SHARED, reason="compares with ml-dr's own outputs or real "
+                                  f'ImageNet photos, which only {SHARED} (../shared) holds')
+
+
+@pytest.fixture(scope='session', autouse=True)
+def test_data():
+    """Data made here where ../shared is absent (once per machine)."""
+    if not HAVE_SHARED:
+        local_data.build()
 
 
 @pytest.fixture(scope='session')
 def randaug_beton(tmp_path_factory):
     """imagenet-sample + the ImageNet+ recipe fixture, converted once per session."""
-    if not os.path.isdir(IMAGES):
-        pytest.skip(f'real data not found at {SHARED} (../shared)')
     from ffcv_dr.convert import convert
     out = str(tmp_path_factory.mktemp('beton') / 'randaug.beton')
     convert(IMAGES, out, RANDAUG, num_workers=2)
@@ -26,8 +43,6 @@ def randaug_beton(tmp_path_factory):
 @pytest.fixture(scope='session')
 def randaug_targz(tmp_path_factory):
     """The randaug fixture packed the way ml-dr's archives are downloaded."""
-    if not os.path.isdir(RANDAUG):
-        pytest.skip(f'real data not found at {SHARED} (../shared)')
     path = tmp_path_factory.mktemp('tar') / 'reinforced_data.tar.gz'
     with tarfile.open(path, 'w:gz') as tar:
         tar.add(RANDAUG, arcname='reinforced_data')
@@ -47,8 +62,6 @@ def first_images(root, n: int) -> str:
 @pytest.fixture(scope='session')
 def mixing_beton(tmp_path_factory):
     """Images 0..63 (all the mixing fixture covers) + the MixUp/CutMix recipe."""
-    if not os.path.isdir(IMAGES):
-        pytest.skip(f'real data not found at {SHARED} (../shared)')
     from ffcv_dr.convert import convert
     root = tmp_path_factory.mktemp('mixing')
     out = str(root / 'mixing.beton')
@@ -59,8 +72,6 @@ def mixing_beton(tmp_path_factory):
 @pytest.fixture(scope='session')
 def small_images(tmp_path_factory):
     """An ImageFolder of the first 12 imagenet-sample images (symlinks)."""
-    if not os.path.isdir(IMAGES):
-        pytest.skip(f'real data not found at {SHARED} (../shared)')
     return first_images(tmp_path_factory.mktemp('small') / 'images', 12)
 
 
@@ -77,8 +88,6 @@ def stored_beton(request, tmp_path_factory):
     """Images 0..63 (those ml-dr's goldens cover) + the ImageNet+ recipe, stored
     as raw pixels, or as ffcv-imagenet stores ImageNet (proportion, 500 px,
     half JPEG q90): (write mode, path)."""
-    if not os.path.isdir(IMAGES):
-        pytest.skip(f'real data not found at {SHARED} (../shared)')
     from ffcv_dr.convert import convert
     from ffcv_dr.storage import Storage
     storage = {'raw': Storage('raw'), 'imagenet': Storage('proportion', 500, 0.5, 90)}[request.param]

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import torch
@@ -20,6 +21,16 @@ def link_mldr_copy(dst, src):
     for name in os.listdir(src):
         os.symlink(os.path.join(src, name), os.path.join(dst, name))
     return str(dst)
+
+
+def write_targz(path, members) -> str:
+    """A .tar.gz of (name, bytes) members, as ml-dr's archives are downloaded."""
+    with tarfile.open(path, 'w:gz') as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
 
 
 def write_torch_file(path, obj):

@@ -5,12 +5,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from conftest import needs_shared
 from helpers import psnr
 from ffcv_dr.beton import BetonFile
 from ffcv_dr.jpeg import dct_scale, decode_crop_resize
 
-pytestmark = needs_shared
 
 
 def test_region_decode_matches_pils_crop_and_resize(randaug_beton):

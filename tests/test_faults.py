@@ -1,6 +1,5 @@
 """Bad input and faults: every case converts correctly or stops with a message
 naming the file and the problem, leaving nothing half-written behind."""
-import io
 import os
 import re
 import resource
@@ -8,14 +7,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import IMAGES, MIXING, RANDAUG, needs_shared
+from conftest import IMAGES, MIXING, RANDAUG
 from ffcv_dr.beton import BetonFile
 from ffcv_dr.cli import main
 from ffcv_dr.convert import ConvertError, convert
@@ -23,9 +21,8 @@ from ffcv_dr.intake import list_images
 from ffcv_dr.jpeg import decode_crop_resize
 from ffcv_dr.reinforce import reinforce
 from ffcv_dr.verify import verify
-from helpers import link_mldr_copy, on_small_disk, psnr, read_mldr, write_torch_file
+from helpers import link_mldr_copy, on_small_disk, psnr, read_mldr, write_targz, write_torch_file
 
-pytestmark = needs_shared
 WNID = 'n01440764'  # an ImageNet class folder, so labels are ImageNet ids
 
 
@@ -305,15 +302,6 @@ def test_wrong_num_samples_in_the_config_is_refused(tmp_path):
         convert(IMAGES, str(tmp_path / 'x.beton'), mldr, num_workers=2)
 
 
-def _archive(path, members):
-    with tarfile.open(path, 'w:gz') as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
 def _members(indices):
     out = [('reinforced_data/config.pth.tar', open(os.path.join(RANDAUG, 'config.pth.tar'), 'rb').read())]
     return out + [(f'reinforced_data/{i}.pth.tar', open(os.path.join(RANDAUG, f'{i}.pth.tar'), 'rb').read())
@@ -326,7 +314,7 @@ def _members(indices):
     (lambda: _members(range(500)) + [('/etc/0.pth.tar', b'x')], 'path outside the archive'),
 ])
 def test_bad_archives_are_refused(tmp_path, members, message):
-    path = _archive(tmp_path / 'r.tar.gz', members())
+    path = write_targz(tmp_path / 'r.tar.gz', members())
     with pytest.raises(ConvertError, match=message):
         convert(IMAGES, str(tmp_path / 'x.beton'), path, num_workers=2)
     assert sorted(os.listdir(tmp_path)) == ['r.tar.gz']
@@ -341,10 +329,10 @@ def test_truncated_archive_is_refused(randaug_targz, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['cut.tar.gz']
 
 
-def test_pickles_run_nothing_even_inside_an_archive(tmp_path):
+def test_pickles_run_nothing_even_inside_anwrite_targz(tmp_path):
     marker = tmp_path / 'pwned'
     evil = b'cposix\nsystem\n(V' + f'touch {marker}'.encode() + b'\ntR.'
-    path = _archive(tmp_path / 'r.tar.gz', _members(range(1, 500)) + [('reinforced_data/0.pth.tar', evil)])
+    path = write_targz(tmp_path / 'r.tar.gz', _members(range(1, 500)) + [('reinforced_data/0.pth.tar', evil)])
     with pytest.raises(ConvertError, match=r'0\.pth\.tar: refused'):
         convert(IMAGES, str(tmp_path / 'x.beton'), path, num_workers=2)
     assert not marker.exists()

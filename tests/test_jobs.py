@@ -7,12 +7,11 @@ import shutil
 
 import pytest
 
-from conftest import IMAGES, RANDAUG, needs_shared
+from conftest import IMAGES, RANDAUG
 from ffcv_dr.convert import convert
 from ffcv_dr.jobs import JobError, OutputLock
 from ffcv_dr.reinforce import reinforce
 
-pytestmark = needs_shared
 FAST = dict(samples=2, topk=5, size=64, chunk=4, batch_size=8, num_workers=2)
 
 
@@ -96,7 +95,8 @@ def test_an_output_over_an_input_is_refused_before_any_work(tmp_path, which):
 
 def test_the_cli_says_why_in_one_line(tmp_path, capsys):
     from ffcv_dr.cli import main
-    images = _folder(tmp_path / 'images', [os.path.join(IMAGES, 'n01440764', 'n01440764_tench.JPEG')])
+    from ffcv_dr.intake import list_images
+    images = _folder(tmp_path / 'images', list_images(IMAGES).paths[:1])
     assert main(['convert', images, os.path.join(images, 'x.beton'), '--mldr', RANDAUG]) == 1
     err = capsys.readouterr().err
     assert err.startswith('ffcv-dr convert: error: ') and 'written inside the input' in err

@@ -6,7 +6,7 @@ import torch.distributed as dist
 from ffcv.loader import OrderOption
 from PIL import Image
 
-from conftest import IMAGES, needs_shared
+from conftest import IMAGES
 from ffcv_dr import Loader, ReplayClock
 from ffcv_dr.beton import BetonFile
 from ffcv_dr.intake import list_images
@@ -15,7 +15,6 @@ from ffcv_dr.randaugment import POSTERIZE, draw_ops, magnitude_table
 from ffcv_dr.replay_clock import STREAM_FRESH_ERASE, STREAM_FRESH_RA, choose
 
 
-pytestmark = needs_shared
 SUBSET = np.arange(0, 500, 4)
 GEOMETRIC = ('ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate')
 

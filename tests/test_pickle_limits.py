@@ -11,11 +11,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import IMAGES, RANDAUG, needs_shared
+from conftest import IMAGES, RANDAUG
 from ffcv_dr.convert import ConvertError, convert
 from ffcv_dr.format import Recipe
 from ffcv_dr.mldr import CONFIG_LIMITS, ImageSizes, MldrError, load_pickle, parse_file, sample_limits
-from helpers import link_mldr_copy, read_mldr
+from helpers import link_mldr_copy, read_mldr, write_targz
 
 RECIPE = Recipe(num_samples=8, topk=10, num_classes=1000, ra_ops=2, erase=True)
 LIMITS = sample_limits(RECIPE.num_samples, RECIPE.topk)
@@ -116,7 +116,6 @@ def _write_zip(path, pickle_bytes):
         f.write(torch_zip(pickle_bytes))
 
 
-@needs_shared
 @pytest.mark.parametrize('name', ['laughs', 'bytes8', 'deep'])
 def test_convert_names_the_hostile_file(tmp_path, name):
     """Formerly "brambling.JPEG: MemoryError", minutes and gigabytes later."""
@@ -127,7 +126,6 @@ def test_convert_names_the_hostile_file(tmp_path, name):
     assert sorted(os.listdir(tmp_path)) == ['reinforced_data']
 
 
-@needs_shared
 def test_convert_refuses_an_oversized_file_unread(tmp_path):
     mldr = link_mldr_copy(tmp_path / 'reinforced_data', RANDAUG)
     os.remove(os.path.join(mldr, '5.pth.tar'))
@@ -138,39 +136,28 @@ def test_convert_refuses_an_oversized_file_unread(tmp_path):
         convert(IMAGES, str(tmp_path / 'x.beton'), mldr, num_workers=2)
 
 
-def _archive(path, members):
-    with tarfile.open(path, 'w:gz') as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
 def _members(replaced):
     names = ['config'] + list(range(500))
     return [(f'reinforced_data/{i}.pth.tar', replaced.get(i) or open(os.path.join(RANDAUG, f'{i}.pth.tar'), 'rb').read())
             for i in names]
 
 
-@needs_shared
-def test_hostile_pickles_inside_an_archive(tmp_path):
-    path = _archive(tmp_path / 'r.tar.gz', _members({4: torch_zip(laughs())}))
+def test_hostile_pickles_inside_anwrite_targz(tmp_path):
+    path = write_targz(tmp_path / 'r.tar.gz', _members({4: torch_zip(laughs())}))
     with pytest.raises(ConvertError, match=r'r\.tar\.gz:reinforced_data/4\.pth\.tar: refused: the pickle '
                                            'expands to more than'):
         convert(IMAGES, str(tmp_path / 'x.beton'), path, num_workers=2)
     config = read_mldr(os.path.join(RANDAUG, 'config.pth.tar'))
     config['pad'] = [config['reinforce']] * 1000
-    path = _archive(tmp_path / 'c.tar.gz', _members({'config': torch_zip(pickle.dumps(config, 2))}))
+    path = write_targz(tmp_path / 'c.tar.gz', _members({'config': torch_zip(pickle.dumps(config, 2))}))
     convert(IMAGES, str(tmp_path / 'y.beton'), path, num_workers=2)  # shared references, but few
     config['pad'] = [config['pad']] * 1000
-    path = _archive(tmp_path / 'd.tar.gz', _members({'config': torch_zip(pickle.dumps(config, 2))}))
+    path = write_targz(tmp_path / 'd.tar.gz', _members({'config': torch_zip(pickle.dumps(config, 2))}))
     with pytest.raises(ConvertError, match=r'd\.tar\.gz:reinforced_data/config\.pth\.tar: refused: the '
                                            'pickle expands to more than 100000 values'):
         convert(IMAGES, str(tmp_path / 'z.beton'), path, num_workers=2)
 
 
-@needs_shared
 def test_an_archive_member_is_refused_by_its_declared_size(tmp_path):
     """A header that declares 1 TB is refused before anything is read from it."""
     info = tarfile.TarInfo('reinforced_data/2.pth.tar')

@@ -14,12 +14,11 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from conftest import IMAGES, needs_shared
+from conftest import IMAGES
 from ffcv_dr.intake import list_images
 from ffcv_dr.format import RA_OPS
 from ffcv_dr.randaugment import _inverse_affine, _rotation, apply_op, magnitude_table
 
-pytestmark = needs_shared
 NEAREST = InterpolationMode.NEAREST
 GEOMETRIC = ('ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate')
 

@@ -2,7 +2,7 @@
 and ml-dr's config read into the same recipe that ffcv-dr writes it from."""
 import pytest
 
-from ffcv_dr.bench import write_mldr_config
+from ffcv_dr.mldr.export import write_mldr_config
 from ffcv_dr.format import RECIPES, Recipe, RecipeParts, parse_recipe, recipe_name
 from ffcv_dr.mldr import CONFIG_LIMITS, load_pickle, recipe_from_config
 

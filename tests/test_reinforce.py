@@ -11,12 +11,11 @@ import pytest
 import torch
 from ffcv.loader import OrderOption
 
-from conftest import needs_shared
+from conftest import HAVE_SHARED
 from ffcv_dr import Loader
 from ffcv_dr.beton import BetonFile
 from ffcv_dr.format import HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR
 
-pytestmark = needs_shared
 ARGS = ['--samples', '3', '--chunk', '3', '--batch-size', '8', '--workers', '2', '--seed', '5']
 
 
@@ -88,7 +87,8 @@ def test_stored_topk_is_the_teacher_on_the_loaders_replay(one_process, tmp_path)
     assert f.recipe.num_samples == 3 and f.recipe.ra_ops == 2 and f.recipe.erase
     worst, right, _ = teacher_on_replay(one_process, tmp_path)
     assert worst <= 2e-3, worst
-    assert right >= 12  # a real teacher: its top-1 is mostly the ImageNet label
+    if HAVE_SHARED:  # on real ImageNet photos, a real teacher's top-1 is mostly the label
+        assert right >= 12
 
 
 def test_the_teacher_labels_the_pixels_as_stored(small_images, tmp_path):

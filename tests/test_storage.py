@@ -16,7 +16,6 @@ from ffcv_dr.format import STORED_JPEG, STORED_RAW
 from ffcv_dr.storage import Storage
 from ffcv_dr.verify import verify
 
-pytestmark = needs_shared
 
 
 def test_what_is_stored(stored_beton, randaug_beton):
@@ -52,6 +51,7 @@ def test_what_is_stored(stored_beton, randaug_beton):
     assert verify(path).ok
 
 
+@needs_shared
 def test_stored_boxes_replay_as_mldr_on_every_storage(stored_beton, randaug_beton, capsys):
     """Each mode's replays against ml-dr's goldens; raw pixels, never re-encoded
     nor DCT-scaled, come closer than the original JPEG bytes."""

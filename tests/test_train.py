@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import needs_shared
 from ffcv_dr.train import (calibration, expected_calibration_error, load_config, lr_factor,
                            resolution, train)
 
@@ -65,7 +64,6 @@ def test_resolution_ramps_as_ffcv_imagenet():
         resolution(0, 192, 160, 0, 1)
 
 
-@needs_shared
 def test_training_follows_the_resolution_ramp(mixing_beton, small_images, tmp_path):
     """Each epoch's batches come at the ramp's side, and the network takes them as they come."""
     train(config(mixing_beton, small_images, str(tmp_path), 'train.epochs=3', 'resolution.min_res=32',
@@ -81,7 +79,6 @@ def test_unknown_settings_are_refused():
         load_config(None, ['data.train=x', 'train.mode=distill'])
 
 
-@needs_shared
 def test_dr_training_logs_evaluates_and_resumes_exactly(mixing_beton, small_images, tmp_path):
     whole = str(tmp_path / 'whole')
     last = train(config(mixing_beton, small_images, whole))
@@ -134,7 +131,6 @@ def test_erm_learns_a_learnable_toy(tmp_path):
     assert log[-1]['top1'] >= 0.375 > log[0]['top1'], [r['top1'] for r in log]
 
 
-@needs_shared
 @pytest.mark.parametrize('mode, extra', [
     ('erm', ['train.optimizer=adamw', 'train.lr=0.002', 'train.ema_decay=0.9']),
     ('kd', ['train.teacher=test_efficientnet', 'train.teacher_pretrained=false',
@@ -148,7 +144,6 @@ def test_erm_and_kd_modes_run_and_log(mixing_beton, small_images, tmp_path, mode
         assert 0 <= last['ema_top1'] <= 1
 
 
-@needs_shared
 def test_a_teacher_fine_tuned_here_labels_with_its_checkpoint(small_images, tmp_path):
     """The CIFAR-10 experiment's chain: a file without reinforcements, the
     bundled EfficientNet-Lite0 fine-tuned on it, then loaded as a teacher from
