@@ -6,13 +6,14 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import SHARED
+from conftest import HAVE_SHARED, SHARED
 
 ARCHIVE = os.path.join(SHARED, 'data', 'cifar10-jpeg.tar.gz')
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'experiments'))
 
 
-@pytest.mark.skipif(not os.path.isfile(ARCHIVE), reason=f'{ARCHIVE} not found (../shared)')
+@pytest.mark.skipif(not (HAVE_SHARED and os.path.isfile(ARCHIVE)),
+                    reason=f'unpacks the real CIFAR-10 archive, {ARCHIVE} (../shared)')
 def test_unpack_keeps_the_first_images_of_each_class_and_the_whole_test_set(tmp_path):
     from cifar10 import unpack
     train, test = unpack(ARCHIVE, str(tmp_path), 3)
