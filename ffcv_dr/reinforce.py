@@ -254,12 +254,12 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
     away those of another run instead of refusing."""
     if recipe not in RECIPES:
         raise ConvertError(f'recipe {recipe!r} is not supported (choose from {", ".join(RECIPES)})')
-    parts = parse_recipe(recipe)
+    drawn = parse_recipe(recipe)
     num_workers = num_workers or os.cpu_count()
     settings = Settings(teacher, tuple(checkpoints), teacher_size or 0, recipe, samples, topk, size, tuple(scale),
-                        tuple(ratio), ra_ops if parts.ra else 0, ra_magnitude,
-                        erase_p if parts.erase else 0.0, seed, chunk, batch_size,
-                        storage, *((tuple(mixup), tuple(cutmix)) if parts.mixing else ()))
+                        tuple(ratio), ra_ops if drawn.ra else 0, ra_magnitude,
+                        erase_p if drawn.erase else 0.0, seed, chunk, batch_size,
+                        storage, *((tuple(mixup), tuple(cutmix)) if drawn.mixing else ()))
     rank, world = _world(device)
     if device == 'cuda':
         device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
@@ -278,7 +278,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
             probe = torch.zeros(1, size, size, 3, dtype=torch.uint8, device=device)
             num_classes = int(model(probe).shape[-1])
         rec = Recipe(num_samples=samples, topk=topk, num_classes=num_classes,
-                     ra_ops=settings.ra_ops, erase=parts.erase, mixing=parts.mixing, size=size,
+                     ra_ops=settings.ra_ops, erase=drawn.erase, mixing=drawn.mixing, size=size,
                      scale=scale, ratio=ratio, ra_magnitude=ra_magnitude, erase_p=settings.erase_p)
         fresh = fresh_settings(rec)
         layout, key = render_layout(rec), np.uint64(seed)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numba as nb
 import numpy as np
 
+from .reader import unsigned_le
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -88,14 +90,6 @@ def _table() -> np.ndarray:
 _TABLE = _table()
 
 
-@nb.njit(cache=True, nogil=True, inline='always')
-def _unsigned(data, p, size):
-    v = 0
-    for k in range(size):
-        v |= np.int64(data[p + k]) << (8 * k)
-    return v
-
-
 @nb.njit(cache=True, nogil=True)
 def _scan(data, table, max_items, max_depth):
     """(problem, byte offset, value) of the first limit ``data`` exceeds; problem 0 if none.
@@ -122,7 +116,7 @@ def _scan(data, table, max_items, max_depth):
             if p + arg > n:
                 return 2, at, 0
             if arg > 0 and (table[op, ROLE] == PUT or table[op, ROLE] == GET):
-                key = _unsigned(data, p, arg)
+                key = unsigned_le(data, p, arg)
             p += arg
         elif arg == -1:
             digits, value = 0, np.int64(0)
@@ -143,7 +137,7 @@ def _scan(data, table, max_items, max_depth):
             width = 1 if arg == -2 else 8 if arg == -5 else 4
             if p + width > n:
                 return 2, at, 0
-            length = _unsigned(data, p, width)
+            length = unsigned_le(data, p, width)
             if arg == -3 and length >= 1 << 31:
                 length -= 1 << 32    # signed: CPython refuses a negative length
             p += width

@@ -28,7 +28,7 @@ _PROB = np.frombuffer(b'prob', np.uint8)
 
 
 @nb.njit(cache=True, nogil=True, inline='always')
-def _unsigned(data, p, size):
+def unsigned_le(data, p, size):
     """The little-endian unsigned integer of ``size`` (1, 2, 4 or 8) bytes at ``p``."""
     if size == 1:
         return np.int64(data[p])
@@ -72,9 +72,9 @@ def _arena(data, work, num):
                 return -1
         elif op == 0x95:                # FRAME: only right after the previous one
             arg = 8
-            if frame_end >= 0 or p + 8 > n or not 0 <= _unsigned(data, p, 8) <= n - p - 8:
+            if frame_end >= 0 or p + 8 > n or not 0 <= unsigned_le(data, p, 8) <= n - p - 8:
                 return -1
-            frame_end = p + 8 + _unsigned(data, p, 8)
+            frame_end = p + 8 + unsigned_le(data, p, 8)
         elif op == 0x2e:                # STOP
             if sp != 1 or mp != 0:
                 return -1
@@ -94,7 +94,7 @@ def _arena(data, work, num):
             arg = 1 if op == 0x4b else 2 if op == 0x4d else 4
             if p + arg > n:
                 return -1
-            v = _unsigned(data, p, arg)
+            v = unsigned_le(data, p, arg)
             if arg == 4 and v >= 1 << 31:
                 v -= 1 << 32
             new = INT
@@ -113,7 +113,7 @@ def _arena(data, work, num):
             size = 4 if op == 0x58 else 1
             if p + size > n:
                 return -1
-            length = _unsigned(data, p, size)
+            length = unsigned_le(data, p, size)
             p += size
             if p + length > n:
                 return -1
@@ -127,7 +127,7 @@ def _arena(data, work, num):
                 arg = 1 if op == 0x71 else 4
                 if p + arg > n:
                     return -1
-                key = _unsigned(data, p, arg)
+                key = unsigned_le(data, p, arg)
             if sp <= (marks[mp - 1] if mp else 0) or key >= n:   # nothing above the mark
                 return -1
             if memo[key] < 0:
@@ -137,7 +137,7 @@ def _arena(data, work, num):
             arg = 1 if op == 0x68 else 4
             if p + arg > n:
                 return -1
-            key = _unsigned(data, p, arg)
+            key = unsigned_le(data, p, arg)
             if key >= n or memo[key] < 0:
                 return -1
             stack[sp] = memo[key]
