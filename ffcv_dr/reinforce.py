@@ -6,18 +6,12 @@ For every image it draws N augmentations from the counter-based schedule
 the teacher sees exactly the pixels the student will -- and keeps the
 teacher's top-k probabilities.
 
-Work is split in chunks of consecutive images. Under torchrun each rank takes
-every ``world``-th chunk; a finished chunk is one ``.npz`` in
-``OUTPUT.parts/``, written under a temporary name and renamed, so a killed run
-started again with the same command redoes no finished chunk. Rank 0 then
-assembles the ``.beton`` (written aside and renamed when complete) and
-removes the parts. Chunks and batches do not depend on the world size, so
-one process and many give the same file.
+Work is split in resumable chunks (:mod:`ffcv_dr.chunks`); under torchrun
+each rank takes every ``world``-th chunk. Rank 0 then assembles the
+``.beton`` (written aside and renamed when complete) and removes the parts.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import time
@@ -26,15 +20,15 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from .format import (DEFAULT_CUTMIX, DEFAULT_ERASE_P, DEFAULT_MIXUP, DEFAULT_RA_MAGNITUDE, DEFAULT_RA_OPS,
                      DEFAULT_RATIO, DEFAULT_SCALE, FORMAT_VERSION, HAS_CUTMIX, HAS_MIXUP, HAS_PAIR,
                      IMAGE_METADATA, RECIPES, Recipe, parse_recipe, reinforcement_dtype, topk_dtype)
+from .chunks import (ChunkSource, barrier, chunk_path, chunks_to_do, group_lock, local_device,
+                     parts_dir, rank_and_world, run_chunks, save_chunk, topk_records)
 from .intake import list_images, probe_images, readable
-from .jobs import (ConvertError, JobError, OutputLock, changed, check_output, digest, disk_full,
-                   images_digest, is_disk_full, scratch_dir)
+from .jobs import ConvertError, check_output, digest, images_digest, scratch_dir
 from .render import draw_view, fresh_settings, render, render_layout, temp_size
 from .replay_clock import splitmix64
 from .storage import Storage, stored_image
@@ -140,84 +134,6 @@ def _pairs(records) -> np.ndarray:
     return records['pair'][records['mix_flags'] & HAS_PAIR != 0]
 
 
-def _world(device: str):
-    """(rank, world size): torchrun's when launched by it, else (0, 1)."""
-    if dist.is_available() and int(os.environ.get('WORLD_SIZE', '1')) > 1:
-        if not dist.is_initialized():
-            dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _parts_dir(output: str, fingerprint: dict, rank: int, world: int, restart: bool) -> str:
-    """``OUTPUT.parts``, holding the fingerprint of the run its chunks belong to;
-    a run with another fingerprint is refused (``restart``: the parts are
-    thrown away), saying what changed."""
-    parts = output + '.parts'
-    path = os.path.join(parts, 'fingerprint.json')
-    fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back: lists for tuples
-    if rank == 0:
-        if restart and os.path.isdir(parts):
-            shutil.rmtree(parts)
-        os.makedirs(parts, exist_ok=True)
-        if os.path.exists(path):
-            with open(path) as f:
-                stored = json.load(f)
-            if stored != fingerprint:
-                what = ', '.join(changed(stored, fingerprint))
-                raise JobError(f'{parts}: holds chunks of another run ({what} changed); run the same '
-                               'command on the same inputs, or pass --restart to start over')
-        else:
-            with open(path + '.tmp', 'w') as f:
-                json.dump(fingerprint, f, sort_keys=True)
-            os.replace(path + '.tmp', path)
-    if world > 1:
-        dist.barrier()
-    return parts
-
-
-def chunk_path(parts: str, c: int) -> str:
-    return os.path.join(parts, f'chunk_{c:06d}.npz')
-
-
-def _save_chunk(path, records, topk, run, output, still_needed):
-    """Write a finished chunk whole or not at all; a full disk is a JobError
-    naming ``output`` and ``still_needed()`` (bytes, this chunk included)."""
-    tmp = path + '.tmp.npz'
-    try:
-        np.savez(tmp, records=records.view(np.uint8), topk=topk.view(np.uint8), run=np.array(run))
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if is_disk_full(e):
-            raise JobError(disk_full(output, os.path.dirname(path), still_needed())) from None
-        raise
-    os.replace(tmp, path)
-
-
-class ChunkSource:
-    """The finished chunks, as ``write_beton`` reads them (image by image)."""
-
-    def __init__(self, parts, recipe: Recipe, chunk: int, run: str):
-        self.parts, self.recipe, self.chunk, self.run = parts, recipe, chunk, run
-        self._loaded = (None, None, None)
-
-    def get(self, index):
-        c = index // self.chunk
-        if self._loaded[0] != c:
-            with np.load(self.name(index)) as z:
-                if str(z['run']) != self.run:
-                    raise JobError(f'{self.name(index)}: a chunk of another run')
-                self._loaded = (c, z['records'].view(reinforcement_dtype(self.recipe)),
-                                z['topk'].view(topk_dtype(self.recipe)))
-        k = index - c * self.chunk
-        n = self.recipe.num_samples
-        return self._loaded[1][k * n:(k + 1) * n], self._loaded[2][k * n:(k + 1) * n]
-
-    def name(self, index):
-        return chunk_path(self.parts, index // self.chunk)
-
-
 class _NoReinforcements:
     """What ``write_beton`` stores for a file of images and labels only."""
 
@@ -260,12 +176,11 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
                         tuple(ratio), ra_ops if drawn.ra else 0, ra_magnitude,
                         erase_p if drawn.erase else 0.0, seed, chunk, batch_size,
                         storage, *((tuple(mixup), tuple(cutmix)) if drawn.mixing else ()))
-    rank, world = _world(device)
-    if device == 'cuda':
-        device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
+    rank, world = rank_and_world(device)
+    device = local_device(device)
     output_dir(output)
     check_output(output, [images_dir, *checkpoints])
-    with _group_lock(output, rank, world):
+    with group_lock(output, rank, world):
         images = list_images(images_dir)
         images, probes, skipped = readable(images, probe_images(images, storage.max_resolution,
                                                                 num_workers, skip_bad))
@@ -285,22 +200,16 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
         fingerprint = {'format': FORMAT_VERSION, 'settings': asdict(settings), 'image_count': n,
                        'images': images_digest(images_dir, images.paths, images.labels),
                        'teachers': model.digests() if samples else []}
-        parts = _parts_dir(output, fingerprint, rank, world, restart)
+        parts = parts_dir(output, fingerprint, rank, world, restart)
         run = digest(fingerprint)
         chunks = (n + chunk - 1) // chunk if samples else 0  # without reinforcements, nothing to generate
-        mine = [c for c in range(chunks) if c % world == rank]
-        todo = [c for c in mine if not os.path.exists(chunk_path(parts, c))]
-        if len(todo) < len(mine):
-            print(f'rank {rank}: resuming, {len(mine) - len(todo)} of {len(mine)} chunks already done',
-                  flush=True)
+        todo = chunks_to_do(parts, chunks, rank, world)
         bar = tqdm(total=sum(min(chunk, n - c * chunk) for c in todo) * world, unit='img',
                    desc=f'reinforcing ({world} process{"es" if world > 1 else ""})', disable=rank != 0)
         per_group = max(1, batch_size // max(1, samples))  # images rendered together: about one batch
         began = time.perf_counter()
         sizes = [probe[:2] for probe in probes]
-        spans = [(c, g, min(g + per_group, (c + 1) * chunk, n)) for c in todo
-                 for g in range(c * chunk, min((c + 1) * chunk, n), per_group)]
-        with ThreadPoolExecutor(num_workers) as pool, ThreadPoolExecutor(1) as ahead:
+        with ThreadPoolExecutor(num_workers) as pool:
             def load(i, sampled=True):
                 w, h, passthrough = probes[i]
                 payload, sw, sh, mode = stored_image(images.paths[i], i, w, h, passthrough, storage)
@@ -309,7 +218,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
                 return _Image(i, payload, (w, h), (sw, sh), mode, records)
 
             def prepare(start, stop):
-                """Images start..stop-1 with their sampled records, and their renders."""
+                """Images start..stop-1: their sampled records, and their renders."""
                 group = list(pool.map(load, range(start, stop)))
                 pairs = {im.index: im for im in group}
                 wanted = sorted({int(p) for im in group for p in _pairs(im.records)} - pairs.keys())
@@ -322,33 +231,22 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
                     im.render(j, pairs[int(pair[0])] if len(pair) else im, rec, layout, fresh, key,
                               renders[kj])
                 list(pool.map(draw, range(len(renders))))
-                return group, renders
+                return np.concatenate([im.records for im in group]), renders
 
-            records, tops = [], []
-            pending = ahead.submit(prepare, *spans[0][1:]) if spans else None
-            for s, (c, _, _) in enumerate(spans):
-                group, renders = pending.result()
-                if s + 1 < len(spans):  # on a GPU the next group renders while the teacher runs
-                    pending = ahead.submit(prepare, *spans[s + 1][1:])
-                    if device == 'cpu':  # on the CPU the teacher needs every core
-                        pending.result()
-                values, ids = model.probs(torch.from_numpy(renders), batch_size, device).topk(topk, dim=-1)
-                top = np.zeros(len(renders), topk_dtype(rec))
-                top['prob'], top['cls'] = values.numpy().astype(np.float16), ids.numpy()
-                records += [im.records for im in group]
-                tops.append(top)
-                bar.update(len(group) * world)
-                if s + 1 == len(spans) or spans[s + 1][0] != c:
-                    records, tops = np.concatenate(records), np.concatenate(tops)
-                    _save_chunk(chunk_path(parts, c), records, tops, run, output, lambda: (
-                        # the chunks still to write, then the file: the images and all chunks again
-                        (records.nbytes + tops.nbytes) * (len(todo) - todo.index(c) + chunks)
-                        + sum(os.path.getsize(p) for p in images.paths)))
-                    records, tops = [], []
+            def label(renders, start, stop):
+                return topk_records(model.probs(torch.from_numpy(renders), batch_size, device), rec)
+
+            def save(c, records, tops):
+                save_chunk(chunk_path(parts, c), records, tops, run, output, lambda: (
+                    # the chunks still to write, then the file: the images and all chunks again
+                    (records.nbytes + tops.nbytes) * (len(todo) - todo.index(c) + chunks)
+                    + sum(os.path.getsize(p) for p in images.paths)))
+
+            run_chunks(todo, chunk, n, per_group, prepare, label, save,
+                       lambda done: bar.update(done * world), overlap=device != 'cpu')
         bar.close()
         elapsed = time.perf_counter() - began
-        if world > 1:
-            dist.barrier()
+        barrier(world)
         result = {'output': output, 'images': n, 'recipe': rec, 'seconds': elapsed, 'skipped': skipped}
         if rank == 0:
             scratch = scratch_dir(output)
@@ -359,29 +257,6 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             shutil.rmtree(parts)
-        if world > 1:
-            dist.barrier()
+        barrier(world)
         return result
 
-
-@contextlib.contextmanager
-def _group_lock(output, rank, world):
-    """Rank 0 holds the output's lock for the whole torchrun group; when it
-    cannot, every rank stops with its message."""
-    lock, error = None, None
-    if rank == 0:
-        try:
-            lock = OutputLock(output).__enter__()
-        except JobError as e:
-            error = str(e)
-    if world > 1:
-        shared = [error]
-        dist.broadcast_object_list(shared, src=0)
-        error = shared[0]
-    if error:
-        raise JobError(error)
-    try:
-        yield
-    finally:
-        if lock:
-            lock.__exit__(None, None, None)

@@ -27,12 +27,12 @@ def _folder(root, images):
 def _first_chunk_only(monkeypatch):
     """Stop a reinforce run after its first chunk, as a kill would."""
     import ffcv_dr.reinforce as rf
-    save = rf._save_chunk
+    save = rf.save_chunk
 
     def save_then_die(path, *args):
         save(path, *args)
         raise KeyboardInterrupt
-    monkeypatch.setattr(rf, '_save_chunk', save_then_die)
+    monkeypatch.setattr(rf, 'save_chunk', save_then_die)
 
 
 def test_resuming_with_other_images_is_refused_and_restart_starts_over(tmp_path, monkeypatch):
