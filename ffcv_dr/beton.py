@@ -38,6 +38,7 @@ class BetonFile:
                 and isinstance(handlers.get('target'), SoftTargetField)):
             raise ValueError(f'{path}: not an ffcv-dr .beton (fields: {list(handlers)})')
         self.recipe = handlers['image'].recipe
+        self.teachers = handlers['target'].teachers  # who made the top-k; None: unknown
         self.record_dtype = reinforcement_dtype(self.recipe)
         self.topk_dtype = topk_dtype(self.recipe)
         self.params_size = self.recipe.num_samples * self.record_dtype.itemsize

@@ -17,7 +17,7 @@ from .intake import image_sizes, list_images, probe_images, readable
 from .jobs import ConvertError, OutputLock, check_output, scratch_dir
 from .mldr import DirectorySource, MldrError, TarSource, compile_here
 from .storage import Storage
-from .writer import output_dir, write_beton
+from .writer import FolderImages, output_dir, write_beton
 
 __all__ = ['ConvertError', 'convert']
 
@@ -49,7 +49,7 @@ def _convert(images_dir, output, mldr, num_workers, num_classes, skip_bad, stora
             source = DirectorySource(mldr, n, images.num_classes, sizes)
         else:
             source = TarSource(mldr, n, images.num_classes, sizes, scratch, num_workers)
-        result = write_beton(output, images, probes, source, scratch, num_workers, storage)
+        result = write_beton(output, FolderImages(images, probes, storage), source, scratch, num_workers)
         return {**result, 'skipped': skipped}
     except MldrError as e:
         raise ConvertError(str(e)) from None

@@ -30,6 +30,15 @@ RandAugment magnitude and the RandomErasing probability the reinforcements
 were made with. A file may hold no reinforcements at all (images, labels and
 the recipe only, for training on fresh augmentations).
 
+The target field's arguments also hold, at byte :data:`TEACHERS_AT`, the
+record of the teachers that made its top-k (:data:`TEACHERS_DTYPE`): up to
+:data:`MAX_TEACHERS` entries of name (UTF-8, cut to 48 bytes), SHA-256 of
+the weights and the weight of its probabilities in the stored labels, with a
+CRC32. Those bytes were zero before the record existed, and still are where
+the teachers are unknown (a file converted from ml-dr's pickles), so files
+written with and without it read alike; an entry with an empty name stands
+for labels of unknown teachers, kept by ``relabel --combine mean``.
+
 A reinforcement record holds, for one augmented view:
 
 ===========  =========  ====================================================
@@ -105,6 +114,20 @@ TARGET_METADATA = np.dtype([
     ('label', '<u4'),
     ('crc32', '<u4'),
 ])
+
+
+MAX_TEACHERS = 11
+TEACHER_DTYPE = np.dtype([
+    ('name', 'S48'),            # '' for labels of unknown teachers
+    ('sha256', 'u1', (32,)),    # of the weights (state dict), zeros when unknown
+    ('weight', '<f4'),          # share of the stored probabilities
+])
+TEACHERS_DTYPE = np.dtype([
+    ('count', '<u2'),
+    ('entries', TEACHER_DTYPE, (MAX_TEACHERS,)),
+    ('crc32', '<u4'),           # of all the bytes before it
+])
+TEACHERS_AT = 64   # byte offset in the target field's arguments, after the recipe
 
 
 # float16 -> float32 for every bit pattern (numba has no float16 on the CPU), to read top-k records.
@@ -238,6 +261,65 @@ class Recipe:
     def from_binary(cls, binary) -> 'Recipe':
         raw = np.asarray(binary).view('<u1').reshape(-1)[:RECIPE_DTYPE.itemsize]
         return cls.from_array(raw.copy().view(RECIPE_DTYPE)[0])
+
+
+@dataclass(frozen=True)
+class TeacherEntry:
+    """One teacher behind a file's top-k: ``name`` '' and ``sha256`` '' stand
+    for teachers that are not known."""
+    name: str
+    sha256: str     # hex SHA-256 of the weights (``Teacher.digests``)
+    weight: float   # share of the stored probabilities
+
+    def describe(self) -> str:
+        who = f'{self.name} (weights sha256 {self.sha256[:16]})' if self.name else 'unknown teachers'
+        return f'{self.weight:.4g} x {who}'
+
+
+def teachers_to_binary(teachers, binary) -> None:
+    """Write the record of ``teachers`` (TeacherEntry's) into a field argument
+    block (as :meth:`Recipe.to_binary` makes it)."""
+    if not 1 <= len(teachers) <= MAX_TEACHERS:
+        raise ValueError(f'a file records 1..{MAX_TEACHERS} teachers, not {len(teachers)}')
+    arr = np.zeros((), TEACHERS_DTYPE)
+    arr['count'] = len(teachers)
+    for row, t in zip(arr['entries'], teachers):
+        row['name'] = t.name.encode()[:TEACHER_DTYPE['name'].itemsize].decode(errors='ignore').encode()
+        row['sha256'] = np.frombuffer(bytes.fromhex(t.sha256), np.uint8) if t.sha256 else 0
+        row['weight'] = t.weight
+    arr['crc32'] = _teachers_crc(arr)
+    binary[0][TEACHERS_AT:TEACHERS_AT + TEACHERS_DTYPE.itemsize] = arr.reshape(1).view('<u1')
+
+
+def teachers_from_binary(binary):
+    """The teachers recorded in a field argument block (a tuple of
+    :class:`TeacherEntry`), or None where there is no record; a ValueError
+    for a record that is damaged."""
+    raw = np.asarray(binary).view('<u1').reshape(-1)[TEACHERS_AT:TEACHERS_AT + TEACHERS_DTYPE.itemsize]
+    if not raw.any():
+        return None
+    arr = raw.copy().view(TEACHERS_DTYPE)[0]
+    count = int(arr['count'])
+    if _teachers_crc(arr) != arr['crc32'] or not 1 <= count <= MAX_TEACHERS:
+        raise ValueError('the record of teachers in the target field fails its CRC32: the file is damaged')
+    entries = []
+    for row in arr['entries'][:count]:
+        weight = float(row['weight'])
+        try:
+            name = bytes(row['name']).decode()
+        except UnicodeDecodeError:
+            name = None
+        if name is None or not 0 < weight <= 1 or (not name and row['sha256'].any()):
+            raise ValueError('the record of teachers in the target field holds a bad entry: '
+                             'the file is damaged')
+        entries.append(TeacherEntry(name, row['sha256'].tobytes().hex() if name else '', weight))
+    if abs(sum(t.weight for t in entries) - 1) > 1e-3:
+        raise ValueError('the weights in the record of teachers do not sum to 1: the file is damaged')
+    return tuple(entries)
+
+
+def _teachers_crc(arr) -> int:
+    return zlib.crc32(np.asarray(arr).reshape(1).view('<u1')[:TEACHERS_DTYPE.fields['crc32'][1]].tobytes())
 
 
 def _recipe_crc(arr) -> int:

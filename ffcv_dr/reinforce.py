@@ -33,7 +33,7 @@ from .render import draw_view, fresh_settings, render, render_layout, temp_size
 from .replay_clock import splitmix64
 from .storage import Storage, stored_image
 from .teachers import load_teacher
-from .writer import output_dir, write_beton
+from .writer import FolderImages, output_dir, write_beton
 
 _PAIR_VIEW = np.uint64(0x50414952)   # seed offset of the paired image's view ('PAIR')
 _MIXING = 0x4D4958                   # seed-sequence word of the mixing draws ('MIX')
@@ -199,7 +199,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
         layout, key = render_layout(rec), np.uint64(seed)
         fingerprint = {'format': FORMAT_VERSION, 'settings': asdict(settings), 'image_count': n,
                        'images': images_digest(images_dir, images.paths, images.labels),
-                       'teachers': model.digests() if samples else []}
+                       'teachers': model.digests if samples else []}
         parts = parts_dir(output, fingerprint, rank, world, restart)
         run = digest(fingerprint)
         chunks = (n + chunk - 1) // chunk if samples else 0  # without reinforcements, nothing to generate
@@ -252,8 +252,8 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
             scratch = scratch_dir(output)
             try:
                 source = ChunkSource(parts, rec, chunk, run) if samples else _NoReinforcements(rec)
-                result.update(write_beton(output, images, probes, source, scratch, num_workers,
-                                          storage))
+                result.update(write_beton(output, FolderImages(images, probes, storage), source,
+                                          scratch, num_workers, model.entries() if samples else None))
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             shutil.rmtree(parts)

@@ -3,11 +3,13 @@ checkpoints, the bundled EfficientNet-Lite0, and ensembles of them (probabilitie
 as ml-dr's ``timm_ensemble``)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Optional, Sequence
 
 import torch
 
+from .format import TeacherEntry
 from .models import Classifier, create
 
 
@@ -23,6 +25,7 @@ class Teacher(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(images).float().softmax(-1) for m in self.members]).mean(0)
 
+    @functools.cached_property
     def digests(self) -> list:
         """(name, SHA-256 of the weights) of each member: what its labels depend
         on, whether the weights came from a checkpoint, a hub or a package."""
@@ -34,6 +37,10 @@ class Teacher(torch.nn.Module):
                 h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
             out.append([m.name, h.hexdigest()])
         return out
+
+    def entries(self, weight: float = 1.0) -> tuple:
+        """The members as a file records them, sharing ``weight`` equally."""
+        return tuple(TeacherEntry(name, sha, weight / len(self.members)) for name, sha in self.digests)
 
     def probs(self, images: torch.Tensor, batch_size: int, device='cpu') -> torch.Tensor:
         """Probabilities of uint8 NHWC ``images`` (on the CPU), in batches of exactly

@@ -34,30 +34,61 @@ _FORK = mp.get_context('fork')  # workers inherit what they read (samples, share
 WRITER_CHUNK = 16
 
 
+class FolderImages:
+    """Images of an ImageFolder, stored as ``storage`` says (convert, reinforce):
+    what ``write_beton`` writes beside each image's records."""
+
+    def __init__(self, images: ImageList, probes, storage: Storage):
+        self.images, self.probes, self.storage = images, probes, storage
+        self.labels, self.indices = images.labels, images.indices
+        self.orig_sizes = np.array([p[:2] for p in probes], np.int64).reshape(-1, 2)  # (width, height)
+
+    def name(self, i) -> str:
+        return self.images.paths[i]
+
+    def stored(self, i) -> tuple:
+        """(payload, stored width, stored height, mode) of image i."""
+        width, height, passthrough = self.probes[i]
+        return stored_image(self.images.paths[i], int(self.indices[i]), width, height, passthrough,
+                            self.storage)
+
+    def payload_bytes(self) -> int:
+        """At most what the payloads take: re-encoded images are counted at
+        their file size, raw ones at their pixels' (those of ``proportion``
+        too)."""
+        raw = self.storage.write_mode in ('raw', 'proportion', 'smart')
+        return int(sum(3 * np.prod(self.storage.stored_size(*p[:2])) if raw else os.path.getsize(path)
+                       for path, p in zip(self.images.paths, self.probes)))
+
+    def summary(self) -> dict:
+        original = self.storage.write_mode == 'original'
+        return {'class_space': self.images.class_space, 'storage': self.storage,
+                're_encoded': int(sum(not p[2] for p in self.probes)) if original else len(self.probes)}
+
+
 class _Samples:
     """What FFCV's writer workers index. A worker that raises makes FFCV's writer
     wait forever, so failures are sent to the main process (a queue, not a
     file: the disk may be full) and a placeholder is written instead; the
     caller then discards the output."""
 
-    def __init__(self, images: ImageList, probes, source, storage: Storage, output):
-        self.images, self.probes, self.source = images, probes, source
-        self.storage, self.output = storage, output
+    def __init__(self, images, source, output):
+        self.images, self.source, self.output = images, source, output
         self.errors, self.failed = _FORK.SimpleQueue(), _FORK.Event()
         recipe = source.recipe
+        indices = images.indices
         self.position = None  # ImageFolder index -> position in the file, where images were skipped
-        if recipe.mixing and len(images.indices) and images.indices[-1] != len(images.indices) - 1:
-            self.position = np.full(int(images.indices.max()) + 1, -1, np.int64)
-            self.position[images.indices] = np.arange(len(images.indices))
+        if recipe.mixing and len(indices) and indices[-1] != len(indices) - 1:
+            self.position = np.full(int(indices.max()) + 1, -1, np.int64)
+            self.position[indices] = np.arange(len(indices))
         self.placeholder = (np.zeros(recipe.num_samples, reinforcement_dtype(recipe)),
                             np.zeros(recipe.num_samples, topk_dtype(recipe)))
         # the rules every written record must pass, with the crops' pixel space by position
         self.rules = (render_layout(recipe), magnitude_limits(recipe), np.int64(recipe.topk),
-                      np.int64(recipe.num_classes),
-                      np.array([(p[1], p[0]) for p in probes], np.int64).reshape(-1, 2))
+                      np.int64(recipe.num_classes), images.orig_sizes[:, ::-1].copy())
 
     def __len__(self):
-        return len(self.images.paths)
+        return len(self.images.indices)
 
     def fail(self, message: str, disk_full: bool = False):
         """Record why the write fails (first caller only: the queue is a pipe)."""
@@ -89,13 +120,12 @@ class _Samples:
                     paired = (records['mix_flags'] & HAS_PAIR) != 0
                     records['pair'][paired] = self.position[records['pair'][paired]]
                 self.check(i, records, topk)
-                width, height, passthrough = self.probes[i]
-                payload, w, h, mode = stored_image(self.images.paths[i], int(self.images.indices[i]),
-                                                   width, height, passthrough, self.storage)
+                width, height = self.images.orig_sizes[i]
+                payload, w, h, mode = self.images.stored(i)
                 return (payload, width, height, w, h, mode, records), (label, topk), label
             except Exception as e:  # noqa: BLE001 -- see the class docstring
                 self.fail(str(e) if isinstance(e, MldrError) else
-                          f'{self.images.paths[i]}: {type(e).__name__}: {e}', is_disk_full(e))
+                          f'{self.images.name(i)}: {type(e).__name__}: {e}', is_disk_full(e))
         records, topk = self.placeholder
         return (np.zeros(0, np.uint8), 1, 1, 1, 1, 0, records), (label, topk), label
 
@@ -196,13 +226,10 @@ class _Pages(MemoryAllocator):
             os.close(self.fd)
 
 
-def _check_free_space(output, scratch, images, probes, recipe, num_workers, storage: Storage):
+def _check_free_space(output, scratch, images, recipe, num_workers):
     """Refuse to start a file that cannot fit: FFCV's writer would fail half-way.
-    Re-encoded images are counted at their original file size, raw ones at
-    their pixels' (those of ``proportion`` too: an upper bound). Returns that estimate."""
-    raw = storage.write_mode in ('raw', 'proportion', 'smart')
-    need = sum(3 * np.prod(storage.stored_size(*p[:2])) if raw else os.path.getsize(path)
-               for path, p in zip(images.paths, probes)) + len(images.paths) * (
+    Returns the estimate."""
+    need = images.payload_bytes() + len(images.indices) * (
         recipe.num_samples * bytes_per_reinforcement(recipe) + 64) + (num_workers + 2) * (8 << 20)
     free = shutil.disk_usage(scratch).free
     if need > free:
@@ -211,16 +238,19 @@ def _check_free_space(output, scratch, images, probes, recipe, num_workers, stor
     return int(need)
 
 
-def write_beton(output, images: ImageList, probes, source, scratch, num_workers, storage: Storage):
+def write_beton(output, images, source, scratch, num_workers, teachers=None):
     """Write the .beton under ``scratch`` and move it to ``output`` once complete.
-    ``source.get(i)`` gives image i's (reinforcement records, top-k records)."""
+    ``images`` (:class:`FolderImages`, or relabel's input file) gives each
+    image's label and stored pixels, ``source.get(i)`` its (reinforcement
+    records, top-k records); ``teachers``: the :class:`ffcv_dr.format.Teachers`
+    that made the top-k, recorded in the file (None: unknown)."""
     tmp_output = os.path.join(scratch, os.path.basename(output))
     recipe = source.recipe
-    need = _check_free_space(output, scratch, images, probes, recipe, num_workers, storage)
+    need = _check_free_space(output, scratch, images, recipe, num_workers)
     writer = _Writer(tmp_output, {'image': ReinforcedImageField(recipe),
-                                  'target': SoftTargetField(recipe),
+                                  'target': SoftTargetField(recipe, teachers),
                                   'label': IntField()}, num_workers=num_workers)
-    samples = _Samples(images, probes, source, storage, output)
+    samples = _Samples(images, source, output)
     try:
         writer.write(samples)
         failure = samples.failure()
@@ -236,10 +266,7 @@ def write_beton(output, images: ImageList, probes, source, scratch, num_workers,
             message = disk_full(output, scratch, max(need - written, 1))
         raise ConvertError(message)
     os.replace(tmp_output, output)
-    return {'output': output, 'images': len(images.paths), 'recipe': recipe,
-            'class_space': images.class_space, 'storage': storage,
-            're_encoded': int(sum(not p[2] for p in probes)) if storage.write_mode == 'original'
-            else len(probes)}
+    return {'output': output, 'images': len(images.indices), 'recipe': recipe, **images.summary()}
 
 
 def output_dir(output: str) -> str:

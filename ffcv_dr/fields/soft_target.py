@@ -13,7 +13,8 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 
-from ..format import HALF_TO_FLOAT, TARGET_METADATA, Recipe, block_crc, topk_block_size, topk_dtype
+from ..format import (HALF_TO_FLOAT, TARGET_METADATA, Recipe, block_crc, teachers_from_binary,
+                      teachers_to_binary, topk_block_size, topk_dtype)
 from ..record_bytes import read_u16
 from ..rules import magnitude_limits, replayable
 from ..replay_clock import IMAGE_PTR, ReplayClock, choose, read_epoch, sample_table
@@ -26,11 +27,12 @@ class SoftTargetField(Field):
     """``recipe.num_samples`` top-k records per image, plus the image's label.
 
     ``encode`` takes ``(label, records)``, records a structured array of
-    ``topk_dtype(recipe)`` with one row per reinforcement.
+    ``topk_dtype(recipe)`` with one row per reinforcement. ``teachers``: the
+    :class:`ffcv_dr.format.TeacherEntry` tuple of who made them (None: unknown).
     """
 
-    def __init__(self, recipe: Recipe):
-        self.recipe = recipe
+    def __init__(self, recipe: Recipe, teachers=None):
+        self.recipe, self.teachers = recipe, teachers
         self.record_dtype = topk_dtype(recipe)
 
     @property
@@ -39,10 +41,13 @@ class SoftTargetField(Field):
 
     @staticmethod
     def from_binary(binary) -> 'SoftTargetField':
-        return SoftTargetField(Recipe.from_binary(binary))
+        return SoftTargetField(Recipe.from_binary(binary), teachers_from_binary(binary))
 
     def to_binary(self):
-        return self.recipe.to_binary()
+        out = self.recipe.to_binary()
+        if self.teachers:
+            teachers_to_binary(self.teachers, out)
+        return out
 
     def encode(self, destination, value, malloc):
         label, records = value
