@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -81,10 +82,13 @@ def _info(args):
         'param_bytes_per_reinforcement': f.record_dtype.itemsize,
         'prob_bytes_per_reinforcement': f.topk_dtype.itemsize,
         'bytes_per_reinforcement': f.record_dtype.itemsize + f.topk_dtype.itemsize,
+        'teachers': f.teachers and [dataclasses.asdict(t) for t in f.teachers],
     }
     if args.json:
         print(json.dumps(info))
         return
+    info['teachers'] = ('; '.join(t.describe() for t in f.teachers) if f.teachers else
+                        'unknown (not recorded: made before ffcv-dr kept the record, or from ml-dr)')
     for key, value in info.items():
         print(f'{key:32s} {value}')
 
@@ -126,6 +130,24 @@ def _reinforce(args):
             print(f"wrote {args.output}: {result['images']} images of {r.num_classes} classes, "
                   "no reinforcements (for training on fresh augmentations, train.mode=erm)")
         _report_skipped(result)
+
+
+def _relabel(args):
+    from .relabel import relabel
+    result = relabel(args.input, args.output, teacher=args.teacher, checkpoints=args.checkpoint or (),
+                     teacher_size=args.teacher_size, topk=args.topk, combine=args.combine,
+                     weight=args.weight, densify_mode=args.densify, batch_size=args.batch_size,
+                     device=args.device, chunk=args.chunk, num_workers=args.workers,
+                     pretrained=not args.no_pretrained, restart=args.restart)
+    if os.path.exists(args.output) and 'recipe' in result:
+        r = result['recipe']
+        was = ('; '.join(t.describe() for t in result['replaced']) if result['replaced']
+               else 'unknown teachers')
+        print(f"wrote {args.output}: {result['images']} images x {r.num_samples} reinforcements "
+              f"relabelled, top-{r.topk} of {r.num_classes} classes "
+              f"({result['images'] / max(result['seconds'], 1e-9):.1f} images/s)")
+        print(f"  labels were by: {was}")
+        print(f"  labels now by:  {'; '.join(t.describe() for t in result['teachers'])}")
 
 
 def _train(args):
@@ -273,6 +295,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--skip-bad', action='store_true',
                    help='leave out unreadable images (each is reported) instead of stopping')
     p.set_defaults(run=_reinforce)
+
+    p = sub.add_parser('relabel', help="replace or add a teacher: new top-k for a .beton's stored reinforcements",
+                       description='Render every stored reinforcement of IN (MixUp/CutMix partner '
+                       "included) with the loader's own kernels, run the teacher(s) and write OUT with "
+                       "IN's images and augmentation records and the new top-k. --combine mean "
+                       '--weight W averages W of the new teacher with 1-W of the stored labels, to '
+                       'grow an ensemble one teacher at a time. Under torchrun each rank takes a '
+                       'share; killed and started again with the same command, it redoes no finished '
+                       'chunk.')
+    p.add_argument('input', help='the ffcv-dr .beton to relabel')
+    p.add_argument('output', help='the .beton to write (written only when complete)')
+    p.add_argument('--teacher', default='bundled:efficientnet_lite0',
+                   help='timm model name(s), comma-separated for an ensemble, or bundled:efficientnet_lite0')
+    p.add_argument('--checkpoint', action='append',
+                   help='local checkpoint per teacher, in order (e.g. ffcv-dr train\'s checkpoint.pt)')
+    p.add_argument('--no-pretrained', action='store_true', help='teachers without pretrained weights')
+    p.add_argument('--teacher-size', type=int, default=None,
+                   help="side the teachers see (default: their pretrained config's)")
+    p.add_argument('--topk', type=int, default=None, help="probabilities kept (default: IN's top-k)")
+    p.add_argument('--combine', default='replace', choices=['replace', 'mean'],
+                   help='replace the stored labels (default), or average with them (needs --weight)')
+    p.add_argument('--weight', type=float, default=None,
+                   help="--combine mean: the new teacher's share W in (0, 1]; the stored labels keep 1-W")
+    p.add_argument('--densify', default='smooth', choices=['smooth', 'zeros'],
+                   help="--combine mean: how the stored top-k become a distribution, as the loader's "
+                   'densify (smooth: the missing mass spread over the other classes)')
+    p.add_argument('--batch-size', type=int, default=64, help='teacher batch')
+    p.add_argument('--device', default='cpu', help='cpu or cuda (cuda:LOCAL_RANK under torchrun)')
+    p.add_argument('--chunk', type=int, default=64, help='images per resumable chunk')
+    p.add_argument('--restart', action='store_true',
+                   help='throw away the finished chunks of a different earlier run instead of refusing')
+    p.add_argument('--workers', type=int, default=None, help='render threads / writer processes')
+    p.set_defaults(run=_relabel)
 
     p = sub.add_parser('train', help='train a student (timm or bundled) on a .beton (erm, dr or kd)',
                        description='Train a timm (or bundled) model from an ffcv-dr .beton: ground-truth '
