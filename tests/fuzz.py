@@ -55,11 +55,12 @@ def _values(dtype, rng, short=False):
 
 
 def structure_mutations(path, rng) -> list:
-    """(name, offset, bytes, fix_recipe_crc) for every header field, every
-    recipe field of both field descriptors (with the recipe's CRC recomputed
-    and not), the descriptors' type ids, and every metadata column of a
-    sample, at boundary values."""
-    from ffcv_dr.format import RECIPE_DTYPE
+    """(name, offset, bytes, crc_span) for every header field, every recipe
+    field of both field descriptors and the target field's record of
+    teachers (with their CRC recomputed over ``crc_span`` and not), the
+    descriptors' type ids, and every metadata column of a sample, at
+    boundary values."""
+    from ffcv_dr.format import RECIPE_DTYPE, TEACHER_DTYPE, TEACHERS_AT, TEACHERS_DTYPE
     f, names, meta_start, desc, header = _layout(path)
     out = []
     for field in header.names:
@@ -79,7 +80,19 @@ def structure_mutations(path, rng) -> list:
                     if field == 'crc32' and fix:
                         continue
                     out.append((f'{name}.recipe.{field}={v}{" (CRC fixed)" if fix else ""}',
-                                args + at, raw, args if fix else None))
+                                args + at, raw, crc_span_of(args, RECIPE_DTYPE) if fix else None))
+        if name == 'target':
+            record = args + TEACHERS_AT
+            entry = TEACHERS_DTYPE.fields['entries'][1]
+            fields = [('count', '<u2', TEACHERS_DTYPE.fields['count'][1]),
+                      ('crc32', '<u4', TEACHERS_DTYPE.fields['crc32'][1])]
+            fields += [(f'entries[0].{f}', dt, entry + TEACHER_DTYPE.fields[f][1])
+                       for f, dt in (('name', 'u1'), ('sha256', 'u1'), ('weight', '<f4'))]
+            for field, dt, at in fields:
+                for v, raw in _values(dt, rng).items():
+                    for fix in (False, True) if field != 'crc32' else (False,):
+                        out.append((f'target.teachers.{field}={v}{" (CRC fixed)" if fix else ""}',
+                                    record + at, raw, crc_span_of(record, TEACHERS_DTYPE) if fix else None))
     row = f.reader.metadata.dtype.itemsize
     sample = len(f) // 2
     for k, name in enumerate(names):
@@ -110,14 +123,19 @@ def record_mutations(path, rng) -> list:
     return out
 
 
-def write_structure(good, out, offset, raw, recipe_at):
+def crc_span_of(start, dtype) -> list:
+    """[first byte, CRC's byte] of a record whose CRC32 covers what precedes it."""
+    return [start, start + dtype.fields['crc32'][1]]
+
+
+def write_structure(good, out, offset, raw, crc_span):
     """A copy of ``good`` with ``raw`` at ``offset`` (or, with ``offset`` a list
-    of (offset, raw) and ``raw`` None, each of them), the recipe's CRC at
-    ``recipe_at`` made to match."""
+    of (offset, raw) and ``raw`` None, each of them), the CRC over
+    ``crc_span`` made to match."""
     if os.path.abspath(good) != os.path.abspath(out):
         shutil.copy(good, out)
     for at, data in (offset if raw is None else [(offset, raw)]):
-        _apply(out, at, data.hex(), recipe_at)
+        _apply(out, at, data.hex(), crc_span)
 
 
 def write_records(good, out, mutations) -> dict:
@@ -171,22 +189,21 @@ def child():
         print('RESULT', json.dumps(result), flush=True)
 
 
-def _apply(path, at, raw, recipe_at) -> list:
-    """Write ``raw`` (hex) at ``at`` in ``path`` and, if ``recipe_at`` is given,
-    make the recipe there match its CRC again; returns [(offset, old bytes)]."""
-    from ffcv_dr.format import RECIPE_DTYPE
+def _apply(path, at, raw, crc_span) -> list:
+    """Write ``raw`` (hex) at ``at`` in ``path`` and, if ``crc_span`` is given,
+    make the record there match its CRC again; returns [(offset, old bytes)]."""
     raw = bytes.fromhex(raw)
     with open(path, 'r+b') as fh:
         fh.seek(at)
         undo = [(at, fh.read(len(raw)))]
         fh.seek(at)
         fh.write(raw)
-        if recipe_at is not None:  # as a crafted file would: the recipe's CRC made to match
-            crc_at = recipe_at + RECIPE_DTYPE.fields['crc32'][1]
+        if crc_span is not None:  # as a crafted file would: the CRC made to match
+            start, crc_at = crc_span
             fh.seek(crc_at)
             undo.append((crc_at, fh.read(4)))
-            fh.seek(recipe_at)
-            head = fh.read(crc_at - recipe_at)
+            fh.seek(start)
+            head = fh.read(crc_at - start)
             fh.write(np.uint32(zlib.crc32(head)).astype('<u4').tobytes())
     return undo
 
@@ -288,8 +305,8 @@ def sweep(good, folder, rng, count=None, loads=4) -> tuple:
     if count:
         structure = [structure[k] for k in rng.integers(0, len(structure), count)]
     scratch = os.path.join(folder, 'mutated.beton')
-    jobs = [{'name': name, 'path': scratch, 'good': good, 'mutation': [at, raw.hex(), recipe_at]}
-            for name, at, raw, recipe_at in structure]
+    jobs = [{'name': name, 'path': scratch, 'good': good, 'mutation': [at, raw.hex(), crc_span]}
+            for name, at, raw, crc_span in structure]
     size = os.path.getsize(good)
     for cut in sorted({0, 1, 23, 24, 1000, size // 7, size // 3, size // 2, size - 4096, size - 1}):
         path = os.path.join(folder, f'cut{cut}.beton')
@@ -299,10 +316,10 @@ def sweep(good, folder, rng, count=None, loads=4) -> tuple:
     results = run_jobs(jobs, timeout=600)
     opened = [m for m in structure if results[m[0]]['status'] == 'ok']
     load_jobs = []
-    for k, (name, at, raw, recipe_at) in enumerate(m for m in opened if '.metadata.' not in m[0]):
+    for k, (name, at, raw, crc_span) in enumerate(m for m in opened if '.metadata.' not in m[0]):
         if k < loads:
             path = os.path.join(folder, f'opened{k}.beton')
-            write_structure(good, path, at, raw, recipe_at)
+            write_structure(good, path, at, raw, crc_span)
             load_jobs.append({'name': f'load {name}', 'path': path, 'p': 0.5})
     path = os.path.join(folder, 'metadata.beton')
     shutil.copy(good, path)

@@ -1,5 +1,6 @@
 """Helpers shared by the tests."""
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -67,3 +68,55 @@ def on_small_disk(disk, size: str, args, patch: str = ''):
         pytest.skip(f'cannot mount a small disk here: {proc.stderr.strip()[-300:]}')
     exit_code, *left = proc.stdout.split()
     return proc.stderr, int(exit_code), left
+
+
+TEACHER_RERUN = """
+import json, sys, numpy as np, torch
+from ffcv_dr.teachers import load_teacher
+torch.set_num_threads(2)
+teacher = json.loads(sys.argv[3])
+batch = np.load(sys.argv[1])
+probs = load_teacher(**teacher).probs(torch.from_numpy(batch['images']), 8)
+np.save(sys.argv[2], probs.numpy())
+"""
+
+
+def teacher_on_replay(beton, tmp_path, **teacher):
+    """(worst |stored - rerun| over the stored top-k, top-1 == label count, the
+    replayed (image, j) pairs) for two epochs of the loader. The teacher
+    (``load_teacher``'s arguments; default the bundled one) reruns in a fresh
+    process on the loader's images, in batches of the generation's shape
+    (--batch-size 8): see ``Teacher.probs``."""
+    from ffcv.loader import OrderOption
+    from ffcv_dr import Loader
+    from ffcv_dr.beton import BetonFile
+    f = BetonFile(beton)
+    n = len(f)
+    loader = Loader(beton, batch_size=n, num_workers=2, order=OrderOption.SEQUENTIAL,
+                    reinforcement_index=True, labels=True, drop_last=False)
+    batches = [[t.clone() for t in batch] for _ in range(2) for batch in loader]
+    images, labels, js = (torch.cat([b[k] for b in batches]).numpy() for k in (0, 2, 3))
+    np.savez(tmp_path / 'replay.npz', images=images)
+    done = subprocess.run([sys.executable, '-c', TEACHER_RERUN, str(tmp_path / 'replay.npz'),
+                           str(tmp_path / 'probs.npy'),
+                           json.dumps({'spec': 'bundled:efficientnet_lite0', **teacher})],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    probs = np.load(tmp_path / 'probs.npy')
+    worst, right = 0.0, 0
+    for k, (j, label) in enumerate(zip(js, labels)):
+        top = f.topk(k % n)[j]
+        worst = max(worst, float(np.abs(probs[k][top['cls']] - top['prob'].astype(np.float32)).max()))
+        right += int(top['cls'][np.argmax(top['prob'])] == label)
+    return worst, right, [(k % n, int(j)) for k, j in enumerate(js)]
+
+
+def same_content(a: str, b: str):
+    """The same images, labels, records and top-k, sample by sample."""
+    from ffcv_dr.beton import BetonFile
+    fa, fb = BetonFile(a), BetonFile(b)
+    assert len(fa) == len(fb) and fa.recipe == fb.recipe
+    for i in range(len(fa)):
+        assert fa.label(i) == fb.label(i) and np.array_equal(fa.payload(i), fb.payload(i))
+        assert fa.records(i).tobytes() == fb.records(i).tobytes()
+        assert fa.topk(i).tobytes() == fb.topk(i).tobytes()

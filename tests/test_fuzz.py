@@ -68,7 +68,7 @@ def _recipe(field, name, value, dtype, fix=True):
     crafted file would) unless ``fix`` is False."""
     def make(path):
         args, at = _recipe_offset(path, field, name)
-        return at, np.array(value).astype(dtype).tobytes(), args if fix else None
+        return at, np.array(value).astype(dtype).tobytes(), fuzz.crc_span_of(args, RECIPE_DTYPE) if fix else None
     return make
 
 

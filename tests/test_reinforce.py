@@ -8,11 +8,9 @@ import time
 
 import numpy as np
 import pytest
-import torch
-from ffcv.loader import OrderOption
 
 from conftest import HAVE_SHARED
-from ffcv_dr import Loader
+from helpers import same_content, teacher_on_replay
 from ffcv_dr.beton import BetonFile
 from ffcv_dr.format import HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR
 
@@ -32,54 +30,12 @@ def one_process(small_images, tmp_path_factory):
     return out
 
 
-def same_content(a: str, b: str):
-    fa, fb = BetonFile(a), BetonFile(b)
-    assert len(fa) == len(fb) and fa.recipe == fb.recipe
-    for i in range(len(fa)):
-        assert fa.label(i) == fb.label(i) and np.array_equal(fa.payload(i), fb.payload(i))
-        assert fa.records(i).tobytes() == fb.records(i).tobytes()
-        assert fa.topk(i).tobytes() == fb.topk(i).tobytes()
-
-
-TEACHER_RERUN = """
-import sys, numpy as np, torch
-from ffcv_dr.teachers import load_teacher
-torch.set_num_threads(2)
-batch = np.load(sys.argv[1])
-probs = load_teacher('bundled:efficientnet_lite0').probs(torch.from_numpy(batch['images']), 8)
-np.save(sys.argv[2], probs.numpy())
-"""
-
-
 @pytest.fixture(scope='module')
 def mixing_process(small_images, tmp_path_factory):
     out = str(tmp_path_factory.mktemp('mix') / 'mix.beton')
     done = run_cli([small_images, out, '--recipe', 'rrc+ra+re+mix'])
     assert done.returncode == 0, done.stderr[-2000:]
     return out
-
-
-def teacher_on_replay(beton, tmp_path):
-    """(worst |stored - rerun| over the stored top-k, top-1 == label count, the
-    replayed (image, j) pairs) for two epochs of the loader. The teacher reruns
-    in a fresh process on the loader's images, in batches of the generation's
-    shape (--batch-size 8): see ``Teacher.probs``."""
-    f = BetonFile(beton)
-    loader = Loader(beton, batch_size=12, num_workers=2, order=OrderOption.SEQUENTIAL,
-                    reinforcement_index=True, labels=True, drop_last=False)
-    batches = [[t.clone() for t in batch] for _ in range(2) for batch in loader]
-    images, labels, js = (torch.cat([b[k] for b in batches]).numpy() for k in (0, 2, 3))
-    np.savez(tmp_path / 'replay.npz', images=images)
-    done = subprocess.run([sys.executable, '-c', TEACHER_RERUN, str(tmp_path / 'replay.npz'),
-                           str(tmp_path / 'probs.npy')], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    probs = np.load(tmp_path / 'probs.npy')
-    worst, right = 0.0, 0
-    for n, (j, label) in enumerate(zip(js, labels)):
-        top = f.topk(n % 12)[j]
-        worst = max(worst, float(np.abs(probs[n][top['cls']] - top['prob'].astype(np.float32)).max()))
-        right += int(top['cls'][np.argmax(top['prob'])] == label)
-    return worst, right, [(n % 12, int(j)) for n, j in enumerate(js)]
 
 
 def test_stored_topk_is_the_teacher_on_the_loaders_replay(one_process, tmp_path):
