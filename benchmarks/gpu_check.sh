@@ -5,7 +5,8 @@
 #
 # 1. Generation: a larger timm teacher (convnext_base, random weights: only its
 #    speed matters here) alone on pre-made batches, against the whole
-#    `ffcv-dr reinforce` pipeline on the first 320 images of IMAGES_DIR.
+#    `ffcv-dr reinforce` pipeline on the first 320 images of IMAGES_DIR and
+#    `ffcv-dr relabel` of the file it wrote.
 # 2. Training step at 176 px: ResNet-50, channels_last, AMP, fed by ffcv-dr
 #    against plain FFCV on the same images as ffcv-imagenet writes ImageNet
 #    (benchmarks/gpu_train_step.py), on a .beton reinforced from IMAGES_DIR

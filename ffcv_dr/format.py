@@ -1,4 +1,4 @@
-"""The on-disk record format of an ffcv-dr ``.beton`` (format version 4).
+"""The on-disk record format of an ffcv-dr ``.beton`` (format version 5).
 
 Everything is little-endian and fixed-width. A file has three FFCV fields:
 

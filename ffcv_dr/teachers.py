@@ -39,8 +39,10 @@ class Teacher(torch.nn.Module):
         return out
 
     def entries(self, weight: float = 1.0) -> tuple:
-        """The members as a file records them, sharing ``weight`` equally."""
-        return tuple(TeacherEntry(name, sha, weight / len(self.members)) for name, sha in self.digests)
+        """The members as a file records them (``name@side``: the side each
+        sees changes its labels), sharing ``weight`` equally."""
+        return tuple(TeacherEntry(f'{m.name}@{m.input_size}', sha, weight / len(self.members))
+                     for m, (_, sha) in zip(self.members, self.digests))
 
     def probs(self, images: torch.Tensor, batch_size: int, device='cpu') -> torch.Tensor:
         """Probabilities of uint8 NHWC ``images`` (on the CPU), in batches of exactly

@@ -39,8 +39,10 @@ def mixing_process(small_images, tmp_path_factory):
 
 
 def test_stored_topk_is_the_teacher_on_the_loaders_replay(one_process, tmp_path):
+    from ffcv_dr.teachers import load_teacher
     f = BetonFile(one_process)
     assert f.recipe.num_samples == 3 and f.recipe.ra_ops == 2 and f.recipe.erase
+    assert f.teachers == load_teacher('bundled:efficientnet_lite0').entries()  # the file says who labelled it
     worst, right, _ = teacher_on_replay(one_process, tmp_path)
     assert worst <= 2e-3, worst
     if HAVE_SHARED:  # on real ImageNet photos, a real teacher's top-1 is mostly the label

@@ -206,6 +206,7 @@ def test_files_the_kernels_cannot_replay_are_refused(stored, small_images, tmp_p
         relabel(plain, out, num_workers=2)
     bare = str(tmp_path / 'bare.beton')
     assert cli('reinforce', small_images, bare, '--samples', '0', '--workers', '2').returncode == 0
+    assert BetonFile(bare).teachers is None  # no teacher made it
     with pytest.raises(JobError, match=f'{bare}: holds no reinforcements'):
         relabel(bare, out, num_workers=2)
     assert not os.path.exists(out) and not os.path.exists(out + '.parts')
