@@ -20,7 +20,8 @@ import numpy as np
 import torch.distributed as dist
 
 from .format import Recipe, reinforcement_dtype, topk_dtype
-from .jobs import JobError, OutputLock, changed, disk_full, is_disk_full
+from .jobs import JobError, OutputLock, changed, check_output, disk_full, is_disk_full
+from .writer import output_dir
 
 
 def rank_and_world(device: str):
@@ -63,6 +64,18 @@ def group_lock(output, rank, world_size):
     finally:
         if lock:
             lock.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def teacher_job(output: str, inputs, device: str):
+    """The frame of a teacher job writing ``output`` from ``inputs``: checked
+    paths, then the output's lock held for the torchrun group. Yields (rank,
+    world size, this rank's device)."""
+    rank, world_size = rank_and_world(device)
+    output_dir(output)
+    check_output(output, inputs)
+    with group_lock(output, rank, world_size):
+        yield rank, world_size, local_device(device)
 
 
 def parts_dir(output: str, fingerprint: dict, rank: int, world_size: int, restart: bool) -> str:

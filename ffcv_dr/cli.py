@@ -199,6 +199,27 @@ def _storage_options(p):
                    help='smart mode: images of more pixel bytes than this are stored as JPEG')
 
 
+def _teacher_options(p):
+    p.add_argument('--teacher', default='bundled:efficientnet_lite0',
+                   help='timm model name(s), comma-separated for an ensemble, or bundled:efficientnet_lite0')
+    p.add_argument('--checkpoint', action='append',
+                   help='local checkpoint per teacher, in order (e.g. ffcv-dr train\'s checkpoint.pt)')
+    p.add_argument('--no-pretrained', action='store_true', help='teachers without pretrained weights')
+    p.add_argument('--teacher-size', type=int, default=None,
+                   help="side the teachers see (default: their pretrained config's; e.g. 96 for a "
+                   "teacher fine-tuned on CIFAR at 96 px)")
+
+
+def _job_options(p):
+    """What a resumable teacher job (reinforce, relabel) takes."""
+    p.add_argument('--batch-size', type=int, default=64, help='teacher batch')
+    p.add_argument('--device', default='cpu', help='cpu or cuda (cuda:LOCAL_RANK under torchrun)')
+    p.add_argument('--chunk', type=int, default=64, help='images per resumable chunk')
+    p.add_argument('--restart', action='store_true',
+                   help='throw away the finished chunks of a different earlier run instead of refusing')
+    p.add_argument('--workers', type=int, default=None, help='render threads / writer processes')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='ffcv-dr', description=(
         'Train on reinforced datasets (Dataset Reinforcement) with FFCV.'))
@@ -257,14 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                        'again with the same command, it redoes no finished chunk.')
     p.add_argument('images', help='ImageFolder root (class folders of images)')
     p.add_argument('output', help='the .beton to write (written only when complete)')
-    p.add_argument('--teacher', default='bundled:efficientnet_lite0',
-                   help='timm model name(s), comma-separated for an ensemble, or bundled:efficientnet_lite0')
-    p.add_argument('--checkpoint', action='append',
-                   help='local checkpoint per teacher, in order (e.g. ffcv-dr train\'s checkpoint.pt)')
-    p.add_argument('--no-pretrained', action='store_true', help='teachers without pretrained weights')
-    p.add_argument('--teacher-size', type=int, default=None,
-                   help="side the teachers see (default: their pretrained config's; e.g. 96 for a "
-                   "teacher fine-tuned on CIFAR at 96 px)")
+    _teacher_options(p)
     p.add_argument('--samples', type=int, default=8,
                    help='reinforcements per image; 0 writes the images and the recipe only, '
                    'without a teacher, for training with fresh augmentations (train.mode=erm)')
@@ -284,13 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MixUp's lam is divided by this (ml-dr's div_by)")
     p.add_argument('--cutmix-p', type=float, default=DEFAULT_CUTMIX[0], help='CutMix probability (+mix recipes)')
     p.add_argument('--cutmix-alpha', type=float, default=DEFAULT_CUTMIX[1], help='CutMix Beta(alpha, alpha)')
-    p.add_argument('--batch-size', type=int, default=64, help='teacher batch')
-    p.add_argument('--device', default='cpu', help='cpu or cuda (cuda:LOCAL_RANK under torchrun)')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--chunk', type=int, default=64, help='images per resumable chunk')
-    p.add_argument('--restart', action='store_true',
-                   help='throw away the finished chunks of a different earlier run instead of refusing')
-    p.add_argument('--workers', type=int, default=None, help='render threads / writer processes')
+    _job_options(p)
     _storage_options(p)
     p.add_argument('--skip-bad', action='store_true',
                    help='leave out unreadable images (each is reported) instead of stopping')
@@ -306,13 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                        'chunk.')
     p.add_argument('input', help='the ffcv-dr .beton to relabel')
     p.add_argument('output', help='the .beton to write (written only when complete)')
-    p.add_argument('--teacher', default='bundled:efficientnet_lite0',
-                   help='timm model name(s), comma-separated for an ensemble, or bundled:efficientnet_lite0')
-    p.add_argument('--checkpoint', action='append',
-                   help='local checkpoint per teacher, in order (e.g. ffcv-dr train\'s checkpoint.pt)')
-    p.add_argument('--no-pretrained', action='store_true', help='teachers without pretrained weights')
-    p.add_argument('--teacher-size', type=int, default=None,
-                   help="side the teachers see (default: their pretrained config's)")
+    _teacher_options(p)
     p.add_argument('--topk', type=int, default=None, help="probabilities kept (default: IN's top-k)")
     p.add_argument('--combine', default='replace', choices=['replace', 'mean'],
                    help='replace the stored labels (default), or average with them (needs --weight)')
@@ -321,12 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--densify', default='smooth', choices=['smooth', 'zeros'],
                    help="--combine mean: how the stored top-k become a distribution, as the loader's "
                    'densify (smooth: the missing mass spread over the other classes)')
-    p.add_argument('--batch-size', type=int, default=64, help='teacher batch')
-    p.add_argument('--device', default='cpu', help='cpu or cuda (cuda:LOCAL_RANK under torchrun)')
-    p.add_argument('--chunk', type=int, default=64, help='images per resumable chunk')
-    p.add_argument('--restart', action='store_true',
-                   help='throw away the finished chunks of a different earlier run instead of refusing')
-    p.add_argument('--workers', type=int, default=None, help='render threads / writer processes')
+    _job_options(p)
     p.set_defaults(run=_relabel)
 
     p = sub.add_parser('train', help='train a student (timm or bundled) on a .beton (erm, dr or kd)',

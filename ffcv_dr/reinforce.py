@@ -25,15 +25,15 @@ from tqdm import tqdm
 from .format import (DEFAULT_CUTMIX, DEFAULT_ERASE_P, DEFAULT_MIXUP, DEFAULT_RA_MAGNITUDE, DEFAULT_RA_OPS,
                      DEFAULT_RATIO, DEFAULT_SCALE, FORMAT_VERSION, HAS_CUTMIX, HAS_MIXUP, HAS_PAIR,
                      IMAGE_METADATA, RECIPES, Recipe, parse_recipe, reinforcement_dtype, topk_dtype)
-from .chunks import (ChunkSource, barrier, chunk_path, chunks_to_do, group_lock, local_device,
-                     parts_dir, rank_and_world, run_chunks, save_chunk, topk_records)
+from .chunks import (ChunkSource, barrier, chunk_path, chunks_to_do, parts_dir, run_chunks, save_chunk,
+                     teacher_job, topk_records)
 from .intake import list_images, probe_images, readable
-from .jobs import ConvertError, check_output, digest, images_digest, scratch_dir
+from .jobs import ConvertError, digest, images_digest, scratch_dir
 from .render import draw_view, fresh_settings, render, render_layout, temp_size
 from .replay_clock import splitmix64
 from .storage import Storage, stored_image
 from .teachers import load_teacher
-from .writer import FolderImages, output_dir, write_beton
+from .writer import FolderImages, write_beton
 
 _PAIR_VIEW = np.uint64(0x50414952)   # seed offset of the paired image's view ('PAIR')
 _MIXING = 0x4D4958                   # seed-sequence word of the mixing draws ('MIX')
@@ -176,11 +176,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
                         tuple(ratio), ra_ops if drawn.ra else 0, ra_magnitude,
                         erase_p if drawn.erase else 0.0, seed, chunk, batch_size,
                         storage, *((tuple(mixup), tuple(cutmix)) if drawn.mixing else ()))
-    rank, world = rank_and_world(device)
-    device = local_device(device)
-    output_dir(output)
-    check_output(output, [images_dir, *checkpoints])
-    with group_lock(output, rank, world):
+    with teacher_job(output, [images_dir, *checkpoints], device) as (rank, world, device):
         images = list_images(images_dir)
         images, probes, skipped = readable(images, probe_images(images, storage.max_resolution,
                                                                 num_workers, skip_bad))

@@ -30,15 +30,15 @@ import torch
 from tqdm import tqdm
 
 from .beton import BetonFile
-from .chunks import (ChunkSource, barrier, chunk_path, chunks_to_do, group_lock, local_device,
-                     parts_dir, rank_and_world, run_chunks, save_chunk, topk_records)
+from .chunks import (ChunkSource, barrier, chunk_path, chunks_to_do, parts_dir, run_chunks, save_chunk,
+                     teacher_job, topk_records)
 from .fields.soft_target import DENSIFY, densify
 from .format import FORMAT_VERSION, MAX_TEACHERS, TeacherEntry, block_crc
-from .jobs import JobError, check_output, digest, scratch_dir
+from .jobs import JobError, digest, scratch_dir
 from .render import fresh_settings, pair_index, render, render_layout, temp_size
 from .rules import describe, first_problem, magnitude_limits
 from .teachers import load_teacher
-from .writer import output_dir, write_beton
+from .writer import write_beton
 
 COMBINE = ('replace', 'mean')
 UNKNOWN = TeacherEntry('', '', 1.0)   # the teachers of a file without their record
@@ -137,11 +137,7 @@ def relabel(input_path: str, output: str, teacher: str = 'bundled:efficientnet_l
     if densify_mode not in DENSIFY:
         raise ValueError(f'densify must be one of {DENSIFY}, got {densify_mode!r}')
     num_workers = num_workers or os.cpu_count()
-    rank, world = rank_and_world(device)
-    device = local_device(device)
-    output_dir(output)
-    check_output(output, [input_path, *checkpoints])
-    with group_lock(output, rank, world):
+    with teacher_job(output, [input_path, *checkpoints], device) as (rank, world, device):
         f = open_input(input_path)
         n, samples = len(f), f.recipe.num_samples
         torch.set_num_threads(num_workers)  # importing FFCV sets it to 1

@@ -242,8 +242,8 @@ def write_beton(output, images, source, scratch, num_workers, teachers=None):
     """Write the .beton under ``scratch`` and move it to ``output`` once complete.
     ``images`` (:class:`FolderImages`, or relabel's input file) gives each
     image's label and stored pixels, ``source.get(i)`` its (reinforcement
-    records, top-k records); ``teachers``: the :class:`ffcv_dr.format.Teachers`
-    that made the top-k, recorded in the file (None: unknown)."""
+    records, top-k records); ``teachers``: the :class:`ffcv_dr.format.TeacherEntry`
+    tuple of who made the top-k, recorded in the file (None: unknown)."""
     tmp_output = os.path.join(scratch, os.path.basename(output))
     recipe = source.recipe
     need = _check_free_space(output, scratch, images, recipe, num_workers)

@@ -3,9 +3,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
 import torch
@@ -120,3 +122,19 @@ def same_content(a: str, b: str):
         assert fa.label(i) == fb.label(i) and np.array_equal(fa.payload(i), fb.payload(i))
         assert fa.records(i).tobytes() == fb.records(i).tobytes()
         assert fa.topk(i).tobytes() == fb.topk(i).tobytes()
+
+
+def killed_after_a_chunk(args, output) -> list:
+    """Run ``python -m ffcv_dr.cli ARGS`` and SIGKILL it once a chunk of
+    ``output`` is finished; the names of the finished chunks."""
+    parts = output + '.parts'
+    proc = subprocess.Popen([sys.executable, '-m', 'ffcv_dr.cli', *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+            os.path.isdir(parts) and any(n.endswith('.npz') and 'tmp' not in n for n in os.listdir(parts))):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return sorted(n for n in os.listdir(parts) if n.startswith('chunk_') and n.endswith('.npz')
+                  and 'tmp' not in n)

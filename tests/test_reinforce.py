@@ -1,16 +1,14 @@
 """Teacher generation: what is stored is what the teacher says about the
 loader's own replay; torchrun and resumed runs give the same file."""
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from conftest import HAVE_SHARED
-from helpers import same_content, teacher_on_replay
+from helpers import killed_after_a_chunk, same_content, teacher_on_replay
 from ffcv_dr.beton import BetonFile
 from ffcv_dr.format import HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR
 
@@ -125,23 +123,13 @@ def test_torchrun_two_processes_give_the_same_file(one_process, small_images, tm
 
 def test_killed_run_resumes_without_redoing_chunks(one_process, small_images, tmp_path):
     out = str(tmp_path / 'resumed.beton')
-    parts = out + '.parts'
-    proc = subprocess.Popen([sys.executable, '-m', 'ffcv_dr.cli', 'reinforce', small_images, out,
-                             *ARGS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (
-            os.path.isdir(parts) and any(n.endswith('.npz') and 'tmp' not in n for n in os.listdir(parts))):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished = sorted(n for n in os.listdir(parts) if n.startswith('chunk_') and n.endswith('.npz')
-                      and 'tmp' not in n)
+    finished = killed_after_a_chunk(['reinforce', small_images, out, *ARGS], out)
     assert 1 <= len(finished) < 4 and not os.path.exists(out)
     done = run_cli([small_images, out])
     assert done.returncode == 0, done.stderr[-2000:]
     assert f'resuming, {len(finished)} of 4 chunks already done' in done.stdout
     same_content(one_process, out)
-    assert not os.path.exists(parts)
+    assert not os.path.exists(out + '.parts')
 
 
 def test_inspect_draws_the_chosen_replays(one_process, tmp_path, monkeypatch):

@@ -4,10 +4,8 @@ file's record of its teachers kept up to date; torchrun and resumed runs
 give the same file, and files the kernels cannot replay are refused."""
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 import torch
 from ffcv.loader import OrderOption
 
-from helpers import same_content, teacher_on_replay
+from helpers import killed_after_a_chunk, same_content, teacher_on_replay
 from ffcv_dr import Loader
 from ffcv_dr.beton import BetonFile
 from ffcv_dr.format import HAS_PAIR, RECIPE_DTYPE, TEACHERS_AT, TEACHERS_DTYPE
@@ -161,23 +159,13 @@ def test_torchrun_two_processes_give_the_same_file(stored, relabelled, tmp_path)
 
 def test_killed_relabel_resumes_without_redoing_chunks(stored, relabelled, tmp_path):
     out = str(tmp_path / 'resumed.beton')
-    parts = out + '.parts'
-    proc = subprocess.Popen([sys.executable, '-m', 'ffcv_dr.cli', 'relabel', stored, out, *NEW, *COMMON],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (
-            os.path.isdir(parts) and any(n.endswith('.npz') and 'tmp' not in n for n in os.listdir(parts))):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished = sorted(n for n in os.listdir(parts) if n.startswith('chunk_') and n.endswith('.npz')
-                      and 'tmp' not in n)
+    finished = killed_after_a_chunk(['relabel', stored, out, *NEW, *COMMON], out)
     assert 1 <= len(finished) < 4 and not os.path.exists(out)
     done = cli('relabel', stored, out, *NEW, *COMMON)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f'resuming, {len(finished)} of 4 chunks already done' in done.stdout
     same_content(relabelled, out)
-    assert not os.path.exists(parts)
+    assert not os.path.exists(out + '.parts')
 
 
 def _plain_ffcv_file(path):
