@@ -59,11 +59,11 @@ def main():
         reinforce(folder, os.path.join(tmp, 'warmup.beton'), **kw)  # compiles the kernels
         rates = [teacher_alone()]
         result = reinforce(folder, os.path.join(tmp, 'timed.beton'), **kw)
-        pipeline = result['images'] * args.samples / result['seconds']
+        pipeline = result['rate'] * args.samples
         kw = {k: kw[k] for k in ('teacher', 'batch_size', 'device', 'num_workers', 'chunk', 'pretrained')}
         relabel(os.path.join(tmp, 'timed.beton'), os.path.join(tmp, 'warmup2.beton'), **kw)
         result = relabel(os.path.join(tmp, 'timed.beton'), os.path.join(tmp, 'relabelled.beton'), **kw)
-        relabelling = result['images'] * args.samples / result['seconds']
+        relabelling = result['rate'] * args.samples
         alone = max(rates + [teacher_alone()])  # before and after the jobs: the faster is the bar
     print(f'teacher {args.teacher} on {args.device} ({args.recipe}): {alone:.1f} images/s alone; '
           f'reinforce {pipeline:.1f} reinforcements/s, ratio {pipeline / alone:.2f}; '

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch.distributed as dist
+from tqdm import tqdm
 
 from .format import Recipe, reinforcement_dtype, topk_dtype
 from .jobs import JobError, OutputLock, changed, check_output, disk_full, is_disk_full
@@ -117,6 +118,17 @@ def chunks_to_do(parts: str, count: int, rank: int, world_size: int) -> list:
         print(f'rank {rank}: resuming, {len(mine) - len(todo)} of {len(mine)} chunks already done',
               flush=True)
     return todo
+
+
+def progress_bar(todo, chunk: int, n: int, rank: int, world_size: int, doing: str):
+    """Rank 0's bar over the images the group labels in this run."""
+    return tqdm(total=sum(min(chunk, n - c * chunk) for c in todo) * world_size, unit='img',
+                desc=f'{doing} ({world_size} process{"es" if world_size > 1 else ""})', disable=rank != 0)
+
+
+def rate(bar, seconds: float):
+    """Images labelled per second in this run; None when earlier runs did them all."""
+    return bar.total / seconds if bar.total else None
 
 
 def topk_records(probs, recipe: Recipe) -> np.ndarray:

@@ -125,7 +125,7 @@ def _reinforce(args):
         if r.num_samples:
             print(f"wrote {args.output}: {result['images']} images x {r.num_samples} reinforcements, "
                   f"top-{r.topk} of {r.num_classes} classes, teacher {args.teacher} "
-                  f"({result['images'] / result['seconds']:.1f} images/s)")
+                  f"({_rate(result)})")
         else:
             print(f"wrote {args.output}: {result['images']} images of {r.num_classes} classes, "
                   "no reinforcements (for training on fresh augmentations, train.mode=erm)")
@@ -145,9 +145,13 @@ def _relabel(args):
                else 'unknown teachers')
         print(f"wrote {args.output}: {result['images']} images x {r.num_samples} reinforcements "
               f"relabelled, top-{r.topk} of {r.num_classes} classes "
-              f"({result['images'] / max(result['seconds'], 1e-9):.1f} images/s)")
+              f"({_rate(result)})")
         print(f"  labels were by: {was}")
         print(f"  labels now by:  {'; '.join(t.describe() for t in result['teachers'])}")
+
+
+def _rate(result) -> str:
+    return f"{result['rate']:.1f} images/s" if result['rate'] else 'every chunk from an earlier run'
 
 
 def _train(args):

@@ -20,13 +20,12 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .format import (DEFAULT_CUTMIX, DEFAULT_ERASE_P, DEFAULT_MIXUP, DEFAULT_RA_MAGNITUDE, DEFAULT_RA_OPS,
                      DEFAULT_RATIO, DEFAULT_SCALE, FORMAT_VERSION, HAS_CUTMIX, HAS_MIXUP, HAS_PAIR,
                      IMAGE_METADATA, RECIPES, Recipe, parse_recipe, reinforcement_dtype, topk_dtype)
-from .chunks import (ChunkSource, barrier, chunk_path, chunks_to_do, parts_dir, run_chunks, save_chunk,
-                     teacher_job, topk_records)
+from .chunks import (ChunkSource, barrier, chunk_path, chunks_to_do, parts_dir, progress_bar, rate,
+                     run_chunks, save_chunk, teacher_job, topk_records)
 from .intake import list_images, probe_images, readable
 from .jobs import ConvertError, digest, images_digest, scratch_dir
 from .render import draw_view, fresh_settings, render, render_layout, temp_size
@@ -200,8 +199,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
         run = digest(fingerprint)
         chunks = (n + chunk - 1) // chunk if samples else 0  # without reinforcements, nothing to generate
         todo = chunks_to_do(parts, chunks, rank, world)
-        bar = tqdm(total=sum(min(chunk, n - c * chunk) for c in todo) * world, unit='img',
-                   desc=f'reinforcing ({world} process{"es" if world > 1 else ""})', disable=rank != 0)
+        bar = progress_bar(todo, chunk, n, rank, world, 'reinforcing')
         per_group = max(1, batch_size // max(1, samples))  # images rendered together: about one batch
         began = time.perf_counter()
         sizes = [probe[:2] for probe in probes]
@@ -243,7 +241,8 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
         bar.close()
         elapsed = time.perf_counter() - began
         barrier(world)
-        result = {'output': output, 'images': n, 'recipe': rec, 'seconds': elapsed, 'skipped': skipped}
+        result = {'output': output, 'images': n, 'recipe': rec, 'seconds': elapsed,
+                  'rate': rate(bar, elapsed), 'skipped': skipped}
         if rank == 0:
             scratch = scratch_dir(output)
             try:

@@ -27,11 +27,10 @@ from dataclasses import asdict, dataclass, replace
 import numba as nb
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .beton import BetonFile
-from .chunks import (ChunkSource, barrier, chunk_path, chunks_to_do, parts_dir, run_chunks, save_chunk,
-                     teacher_job, topk_records)
+from .chunks import (ChunkSource, barrier, chunk_path, chunks_to_do, parts_dir, progress_bar, rate,
+                     run_chunks, save_chunk, teacher_job, topk_records)
 from .fields.soft_target import DENSIFY, densify
 from .format import FORMAT_VERSION, MAX_TEACHERS, TeacherEntry, block_crc
 from .jobs import JobError, digest, scratch_dir
@@ -163,8 +162,7 @@ def relabel(input_path: str, output: str, teacher: str = 'bundled:efficientnet_l
         run = digest(fingerprint)
         chunks = (n + chunk - 1) // chunk
         todo = chunks_to_do(parts, chunks, rank, world)
-        bar = tqdm(total=sum(min(chunk, n - c * chunk) for c in todo) * world, unit='img',
-                   desc=f'relabelling ({world} process{"es" if world > 1 else ""})', disable=rank != 0)
+        bar = progress_bar(todo, chunk, n, rank, world, 'relabelling')
         layout, limits, fresh = render_layout(f.recipe), magnitude_limits(f.recipe), fresh_settings(f.recipe)
         per_group = max(1, batch_size // samples)  # images rendered together: about one batch
         began = time.perf_counter()
@@ -222,7 +220,7 @@ def relabel(input_path: str, output: str, teacher: str = 'bundled:efficientnet_l
         elapsed = time.perf_counter() - began
         barrier(world)
         result = {'output': output, 'images': n, 'recipe': recipe, 'teachers': teachers,
-                  'replaced': f.teachers, 'seconds': elapsed}
+                  'replaced': f.teachers, 'seconds': elapsed, 'rate': rate(bar, elapsed)}
         if rank == 0:
             scratch = scratch_dir(output)
             try:
