@@ -120,15 +120,15 @@ def chunks_to_do(parts: str, count: int, rank: int, world_size: int) -> list:
     return todo
 
 
-def progress_bar(todo, chunk: int, n: int, rank: int, world_size: int, doing: str):
-    """Rank 0's bar over the images the group labels in this run."""
-    return tqdm(total=sum(min(chunk, n - c * chunk) for c in todo) * world_size, unit='img',
+def progress_bar(todo, chunk: int, n: int, samples: int, rank: int, world_size: int, doing: str):
+    """Rank 0's bar over the reinforcements the group labels in this run."""
+    return tqdm(total=sum(min(chunk, n - c * chunk) for c in todo) * samples * world_size, unit='view',
                 desc=f'{doing} ({world_size} process{"es" if world_size > 1 else ""})', disable=rank != 0)
 
 
-def rate(bar, seconds: float):
+def rate(bar, samples: int, seconds: float):
     """Images labelled per second in this run; None when earlier runs did them all."""
-    return bar.total / seconds if bar.total else None
+    return bar.total / samples / seconds if bar.total else None
 
 
 def topk_records(probs, recipe: Recipe) -> np.ndarray:
@@ -177,16 +177,18 @@ class ChunkSource:
         return chunk_path(self.parts, index // self.chunk)
 
 
-def run_chunks(todo, chunk: int, n: int, per_group: int, prepare, label, save, progress,
+def run_chunks(todo, chunk: int, n: int, samples: int, batch_size: int, prepare, label, save, progress,
                overlap: bool):
-    """Label the images of chunks ``todo`` (of ``chunk`` images, ``n`` in all)
-    group by group: ``prepare(start, stop)`` gives the group's (records,
-    renders), ``label(renders, start, stop)`` their top-k records, and
-    ``save(c, records, topk)`` gets each chunk once complete. With ``overlap``
-    (a GPU teacher) the next group is prepared while the teacher runs; on the
-    CPU the teacher needs every core, so they take turns."""
-    spans = [(c, g, min(g + per_group, (c + 1) * chunk, n)) for c in todo
-             for g in range(c * chunk, min((c + 1) * chunk, n), per_group)]
+    """Label the reinforcements of chunks ``todo`` (of ``chunk`` images, ``n``
+    in all; image i's reinforcement j is number ``i * samples + j``) in groups
+    of one teacher batch, so that a batch is padded only at a chunk's end
+    whatever the number of reinforcements per image: ``prepare(start, stop)``
+    gives a group's (records, renders), ``label(renders, start, stop)`` their
+    top-k records, and ``save(c, records, topk)`` gets each chunk once
+    complete. With ``overlap`` (a GPU teacher) the next group is prepared while
+    the teacher runs; on the CPU the teacher needs every core, so they take turns."""
+    spans = [(c, r, min(r + batch_size, min((c + 1) * chunk, n) * samples)) for c in todo
+             for r in range(c * chunk * samples, min((c + 1) * chunk, n) * samples, batch_size)]
     records, tops = [], []
     with ThreadPoolExecutor(1) as ahead:
         pending = ahead.submit(prepare, *spans[0][1:]) if spans else None
@@ -202,3 +204,8 @@ def run_chunks(todo, chunk: int, n: int, per_group: int, prepare, label, save, p
             if s + 1 == len(spans) or spans[s + 1][0] != c:
                 save(c, np.concatenate(records), np.concatenate(tops))
                 records, tops = [], []
+
+
+def images_of(start: int, stop: int, samples: int) -> range:
+    """The images whose reinforcements include numbers start..stop-1."""
+    return range(start // samples, -(-stop // samples))

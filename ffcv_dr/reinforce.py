@@ -24,8 +24,8 @@ import torch
 from .format import (DEFAULT_CUTMIX, DEFAULT_ERASE_P, DEFAULT_MIXUP, DEFAULT_RA_MAGNITUDE, DEFAULT_RA_OPS,
                      DEFAULT_RATIO, DEFAULT_SCALE, FORMAT_VERSION, HAS_CUTMIX, HAS_MIXUP, HAS_PAIR,
                      IMAGE_METADATA, RECIPES, Recipe, parse_recipe, reinforcement_dtype, topk_dtype)
-from .chunks import (ChunkSource, barrier, chunk_path, chunks_to_do, parts_dir, progress_bar, rate,
-                     run_chunks, save_chunk, teacher_job, topk_records)
+from .chunks import (ChunkSource, barrier, chunk_path, chunks_to_do, images_of, parts_dir, progress_bar,
+                     rate, run_chunks, save_chunk, teacher_job, topk_records)
 from .intake import list_images, probe_images, readable
 from .jobs import ConvertError, digest, images_digest, scratch_dir
 from .render import draw_view, fresh_settings, render, render_layout, temp_size
@@ -199,8 +199,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
         run = digest(fingerprint)
         chunks = (n + chunk - 1) // chunk if samples else 0  # without reinforcements, nothing to generate
         todo = chunks_to_do(parts, chunks, rank, world)
-        bar = progress_bar(todo, chunk, n, rank, world, 'reinforcing')
-        per_group = max(1, batch_size // max(1, samples))  # images rendered together: about one batch
+        bar = progress_bar(todo, chunk, n, samples, rank, world, 'reinforcing')
         began = time.perf_counter()
         sizes = [probe[:2] for probe in probes]
         with ThreadPoolExecutor(num_workers) as pool:
@@ -212,20 +211,23 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
                 return _Image(i, payload, (w, h), (sw, sh), mode, records)
 
             def prepare(start, stop):
-                """Images start..stop-1: their sampled records, and their renders."""
-                group = list(pool.map(load, range(start, stop)))
+                """Reinforcements start..stop-1: their sampled records, and their renders."""
+                first = start // samples
+                group = list(pool.map(load, images_of(start, stop, samples)))
+                records = np.concatenate([im.records for im in group])[start - first * samples:
+                                                                         stop - first * samples]
                 pairs = {im.index: im for im in group}
-                wanted = sorted({int(p) for im in group for p in _pairs(im.records)} - pairs.keys())
+                wanted = sorted({int(p) for p in _pairs(records)} - pairs.keys())
                 pairs.update(zip(wanted, pool.map(lambda i: load(i, sampled=False), wanted)))
-                renders = np.empty((len(group) * samples, size, size, 3), np.uint8)
+                renders = np.empty((stop - start, size, size, 3), np.uint8)
 
-                def draw(kj):
-                    im, j = group[kj // samples], kj % samples
-                    pair = _pairs(im.records[j:j + 1])
-                    im.render(j, pairs[int(pair[0])] if len(pair) else im, rec, layout, fresh, key,
-                              renders[kj])
+                def draw(k):
+                    pair = _pairs(records[k:k + 1])
+                    im = group[(start + k) // samples - first]
+                    im.render((start + k) % samples, pairs[int(pair[0])] if len(pair) else im, rec,
+                              layout, fresh, key, renders[k])
                 list(pool.map(draw, range(len(renders))))
-                return np.concatenate([im.records for im in group]), renders
+                return records, renders
 
             def label(renders, start, stop):
                 return topk_records(model.probs(torch.from_numpy(renders), batch_size, device), rec)
@@ -236,13 +238,13 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
                     (records.nbytes + tops.nbytes) * (len(todo) - todo.index(c) + chunks)
                     + sum(os.path.getsize(p) for p in images.paths)))
 
-            run_chunks(todo, chunk, n, per_group, prepare, label, save,
+            run_chunks(todo, chunk, n, samples, batch_size, prepare, label, save,
                        lambda done: bar.update(done * world), overlap=device != 'cpu')
         bar.close()
         elapsed = time.perf_counter() - began
         barrier(world)
         result = {'output': output, 'images': n, 'recipe': rec, 'seconds': elapsed,
-                  'rate': rate(bar, elapsed), 'skipped': skipped}
+                  'rate': rate(bar, samples, elapsed), 'skipped': skipped}
         if rank == 0:
             scratch = scratch_dir(output)
             try:

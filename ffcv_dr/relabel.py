@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from .beton import BetonFile
-from .chunks import (ChunkSource, barrier, chunk_path, chunks_to_do, parts_dir, progress_bar, rate,
-                     run_chunks, save_chunk, teacher_job, topk_records)
+from .chunks import (ChunkSource, barrier, chunk_path, chunks_to_do, images_of, parts_dir, progress_bar,
+                     rate, run_chunks, save_chunk, teacher_job, topk_records)
 from .fields.soft_target import DENSIFY, densify
 from .format import FORMAT_VERSION, MAX_TEACHERS, TeacherEntry, block_crc
 from .jobs import JobError, digest, scratch_dir
@@ -162,9 +162,8 @@ def relabel(input_path: str, output: str, teacher: str = 'bundled:efficientnet_l
         run = digest(fingerprint)
         chunks = (n + chunk - 1) // chunk
         todo = chunks_to_do(parts, chunks, rank, world)
-        bar = progress_bar(todo, chunk, n, rank, world, 'relabelling')
+        bar = progress_bar(todo, chunk, n, samples, rank, world, 'relabelling')
         layout, limits, fresh = render_layout(f.recipe), magnitude_limits(f.recipe), fresh_settings(f.recipe)
-        per_group = max(1, batch_size // samples)  # images rendered together: about one batch
         began = time.perf_counter()
         with ThreadPoolExecutor(num_workers) as pool:
             def check(i):
@@ -191,19 +190,24 @@ def relabel(input_path: str, output: str, teacher: str = 'bundled:efficientnet_l
                        np.uint64(0), 0, i, np.empty(temp_size(f.recipe, out.shape), np.uint8), out,
                        layout, fresh)
 
+            def rows(get, start, stop):
+                """Reinforcements start..stop-1 of the per-image arrays ``get(i)``."""
+                images = images_of(start, stop, samples)
+                first = images.start * samples
+                return np.concatenate([get(i) for i in images])[start - first:stop - first]
+
             def prepare(start, stop):
-                """Images start..stop-1: their stored records, and their renders."""
-                list(pool.map(check, range(start, stop)))
-                renders = np.empty(((stop - start) * samples, size, size, 3), np.uint8)
-                list(pool.map(lambda k: draw(start * samples + k, renders[k]), range(len(renders))))
-                records = np.concatenate([f.records(i) for i in range(start, stop)])
-                return records, renders
+                """Reinforcements start..stop-1: their stored records, and their renders."""
+                list(pool.map(check, images_of(start, stop, samples)))
+                renders = np.empty((stop - start, size, size, 3), np.uint8)
+                list(pool.map(lambda k: draw(start + k, renders[k]), range(len(renders))))
+                return rows(f.records, start, stop), renders
 
             def label(renders, start, stop):
                 probs = model.probs(torch.from_numpy(renders), batch_size, device)
                 if mean:
                     stored = np.empty(probs.shape, np.float32)
-                    raw = np.concatenate([f.topk(i).view(np.uint8).reshape(-1) for i in range(start, stop)])
+                    raw = rows(f.topk, start, stop).view(np.uint8).reshape(-1)
                     _dense(raw, f.topk_dtype.itemsize, f.recipe.topk, stored, densify_mode == 'zeros')
                     probs = weight * probs + (1 - weight) * torch.from_numpy(stored)
                 return topk_records(probs, recipe)
@@ -214,13 +218,13 @@ def relabel(input_path: str, output: str, teacher: str = 'bundled:efficientnet_l
                     (records.nbytes + tops.nbytes) * (len(todo) - todo.index(c) + chunks)
                     + os.path.getsize(input_path)))
 
-            run_chunks(todo, chunk, n, per_group, prepare, label, save,
+            run_chunks(todo, chunk, n, samples, batch_size, prepare, label, save,
                        lambda done: bar.update(done * world), overlap=device != 'cpu')
         bar.close()
         elapsed = time.perf_counter() - began
         barrier(world)
         result = {'output': output, 'images': n, 'recipe': recipe, 'teachers': teachers,
-                  'replaced': f.teachers, 'seconds': elapsed, 'rate': rate(bar, elapsed)}
+                  'replaced': f.teachers, 'seconds': elapsed, 'rate': rate(bar, samples, elapsed)}
         if rank == 0:
             scratch = scratch_dir(output)
             try:
