@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,8 +22,20 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .format import Recipe, reinforcement_dtype, topk_dtype
-from .jobs import JobError, OutputLock, changed, check_output, disk_full, is_disk_full
-from .writer import output_dir
+from .jobs import JobError, OutputLock, changed, check_output, disk_full, is_disk_full, scratch_dir
+from .writer import output_dir, write_beton
+
+
+def assemble(output, parts, images, source, num_workers, teachers) -> dict:
+    """Rank 0's last step: the ``.beton`` from the finished chunks (``source``)
+    and ``images``, written aside and renamed once complete; then the parts go."""
+    scratch = scratch_dir(output)
+    try:
+        result = write_beton(output, images, source, scratch, num_workers, teachers)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(parts)
+    return result
 
 
 def rank_and_world(device: str):
@@ -120,17 +133,6 @@ def chunks_to_do(parts: str, count: int, rank: int, world_size: int) -> list:
     return todo
 
 
-def progress_bar(todo, chunk: int, n: int, samples: int, rank: int, world_size: int, doing: str):
-    """Rank 0's bar over the reinforcements the group labels in this run."""
-    return tqdm(total=sum(min(chunk, n - c * chunk) for c in todo) * samples * world_size, unit='view',
-                desc=f'{doing} ({world_size} process{"es" if world_size > 1 else ""})', disable=rank != 0)
-
-
-def rate(bar, samples: int, seconds: float):
-    """Images labelled per second in this run; None when earlier runs did them all."""
-    return bar.total / samples / seconds if bar.total else None
-
-
 def topk_records(probs, recipe: Recipe) -> np.ndarray:
     """The recipe's top-k records of a (reinforcements, classes) tensor of probabilities."""
     values, ids = probs.topk(recipe.topk, dim=-1)
@@ -177,18 +179,23 @@ class ChunkSource:
         return chunk_path(self.parts, index // self.chunk)
 
 
-def run_chunks(todo, chunk: int, n: int, samples: int, batch_size: int, prepare, label, save, progress,
-               overlap: bool):
+def run_chunks(todo, chunk: int, n: int, samples: int, batch_size: int, prepare, label, save,
+               device: str, rank: int, world_size: int, doing: str) -> dict:
     """Label the reinforcements of chunks ``todo`` (of ``chunk`` images, ``n``
     in all; image i's reinforcement j is number ``i * samples + j``) in groups
     of one teacher batch, so that a batch is padded only at a chunk's end
     whatever the number of reinforcements per image: ``prepare(start, stop)``
     gives a group's (records, renders), ``label(renders, start, stop)`` their
     top-k records, and ``save(c, records, topk)`` gets each chunk once
-    complete. With ``overlap`` (a GPU teacher) the next group is prepared while
-    the teacher runs; on the CPU the teacher needs every core, so they take turns."""
+    complete. On a GPU the next group is prepared while the teacher runs; on
+    the CPU the teacher needs every core, so they take turns. Rank 0 shows the
+    group's progress; returns the seconds taken and the group's images per
+    second (None when earlier runs did every chunk), once every rank is done."""
     spans = [(c, r, min(r + batch_size, min((c + 1) * chunk, n) * samples)) for c in todo
              for r in range(c * chunk * samples, min((c + 1) * chunk, n) * samples, batch_size)]
+    bar = tqdm(total=sum(stop - start for _, start, stop in spans) * world_size, unit='view',
+               desc=f'{doing} ({world_size} process{"es" if world_size > 1 else ""})', disable=rank != 0)
+    began = time.perf_counter()
     records, tops = [], []
     with ThreadPoolExecutor(1) as ahead:
         pending = ahead.submit(prepare, *spans[0][1:]) if spans else None
@@ -196,14 +203,18 @@ def run_chunks(todo, chunk: int, n: int, samples: int, batch_size: int, prepare,
             group_records, renders = pending.result()
             if s + 1 < len(spans):
                 pending = ahead.submit(prepare, *spans[s + 1][1:])
-                if not overlap:
+                if device == 'cpu':
                     pending.result()
             tops.append(label(renders, start, stop))
             records.append(group_records)
-            progress(stop - start)
+            bar.update((stop - start) * world_size)
             if s + 1 == len(spans) or spans[s + 1][0] != c:
                 save(c, np.concatenate(records), np.concatenate(tops))
                 records, tops = [], []
+    bar.close()
+    seconds = time.perf_counter() - began
+    barrier(world_size)
+    return {'seconds': seconds, 'rate': bar.total / samples / seconds if bar.total else None}
 
 
 def images_of(start: int, stop: int, samples: int) -> range:

@@ -13,8 +13,6 @@ each rank takes every ``world``-th chunk. Rank 0 then assembles the
 from __future__ import annotations
 
 import os
-import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
@@ -24,15 +22,15 @@ import torch
 from .format import (DEFAULT_CUTMIX, DEFAULT_ERASE_P, DEFAULT_MIXUP, DEFAULT_RA_MAGNITUDE, DEFAULT_RA_OPS,
                      DEFAULT_RATIO, DEFAULT_SCALE, FORMAT_VERSION, HAS_CUTMIX, HAS_MIXUP, HAS_PAIR,
                      IMAGE_METADATA, RECIPES, Recipe, parse_recipe, reinforcement_dtype, topk_dtype)
-from .chunks import (ChunkSource, barrier, chunk_path, chunks_to_do, images_of, parts_dir, progress_bar,
-                     rate, run_chunks, save_chunk, teacher_job, topk_records)
+from .chunks import (ChunkSource, assemble, barrier, chunk_path, chunks_to_do, images_of, parts_dir,
+                     run_chunks, save_chunk, teacher_job, topk_records)
 from .intake import list_images, probe_images, readable
-from .jobs import ConvertError, digest, images_digest, scratch_dir
+from .jobs import ConvertError, digest, images_digest
 from .render import draw_view, fresh_settings, render, render_layout, temp_size
 from .replay_clock import splitmix64
 from .storage import Storage, stored_image
 from .teachers import load_teacher
-from .writer import FolderImages, write_beton
+from .writer import FolderImages
 
 _PAIR_VIEW = np.uint64(0x50414952)   # seed offset of the paired image's view ('PAIR')
 _MIXING = 0x4D4958                   # seed-sequence word of the mixing draws ('MIX')
@@ -199,8 +197,6 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
         run = digest(fingerprint)
         chunks = (n + chunk - 1) // chunk if samples else 0  # without reinforcements, nothing to generate
         todo = chunks_to_do(parts, chunks, rank, world)
-        bar = progress_bar(todo, chunk, n, samples, rank, world, 'reinforcing')
-        began = time.perf_counter()
         sizes = [probe[:2] for probe in probes]
         with ThreadPoolExecutor(num_workers) as pool:
             def load(i, sampled=True):
@@ -238,22 +234,13 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
                     (records.nbytes + tops.nbytes) * (len(todo) - todo.index(c) + chunks)
                     + sum(os.path.getsize(p) for p in images.paths)))
 
-            run_chunks(todo, chunk, n, samples, batch_size, prepare, label, save,
-                       lambda done: bar.update(done * world), overlap=device != 'cpu')
-        bar.close()
-        elapsed = time.perf_counter() - began
-        barrier(world)
-        result = {'output': output, 'images': n, 'recipe': rec, 'seconds': elapsed,
-                  'rate': rate(bar, samples, elapsed), 'skipped': skipped}
+            timing = run_chunks(todo, chunk, n, samples, batch_size, prepare, label, save, device, rank,
+                                world, 'reinforcing')
+        result = {'output': output, 'images': n, 'recipe': rec, 'skipped': skipped, **timing}
         if rank == 0:
-            scratch = scratch_dir(output)
-            try:
-                source = ChunkSource(parts, rec, chunk, run) if samples else _NoReinforcements(rec)
-                result.update(write_beton(output, FolderImages(images, probes, storage), source,
-                                          scratch, num_workers, model.entries() if samples else None))
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-            shutil.rmtree(parts)
+            source = ChunkSource(parts, rec, chunk, run) if samples else _NoReinforcements(rec)
+            result.update(assemble(output, parts, FolderImages(images, probes, storage), source,
+                                   num_workers, model.entries() if samples else None))
         barrier(world)
         return result
 

@@ -19,8 +19,6 @@ Work is shared, kept and resumed in chunks as in ``reinforce``
 from __future__ import annotations
 
 import os
-import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
@@ -29,15 +27,14 @@ import numpy as np
 import torch
 
 from .beton import BetonFile
-from .chunks import (ChunkSource, barrier, chunk_path, chunks_to_do, images_of, parts_dir, progress_bar,
-                     rate, run_chunks, save_chunk, teacher_job, topk_records)
+from .chunks import (ChunkSource, assemble, barrier, chunk_path, chunks_to_do, images_of, parts_dir,
+                     run_chunks, save_chunk, teacher_job, topk_records)
 from .fields.soft_target import DENSIFY, densify
 from .format import FORMAT_VERSION, MAX_TEACHERS, TeacherEntry, block_crc
-from .jobs import JobError, digest, scratch_dir
+from .jobs import JobError, digest
 from .render import fresh_settings, pair_index, render, render_layout, temp_size
 from .rules import describe, first_problem, magnitude_limits
 from .teachers import load_teacher
-from .writer import write_beton
 
 COMBINE = ('replace', 'mean')
 UNKNOWN = TeacherEntry('', '', 1.0)   # the teachers of a file without their record
@@ -162,9 +159,7 @@ def relabel(input_path: str, output: str, teacher: str = 'bundled:efficientnet_l
         run = digest(fingerprint)
         chunks = (n + chunk - 1) // chunk
         todo = chunks_to_do(parts, chunks, rank, world)
-        bar = progress_bar(todo, chunk, n, samples, rank, world, 'relabelling')
         layout, limits, fresh = render_layout(f.recipe), magnitude_limits(f.recipe), fresh_settings(f.recipe)
-        began = time.perf_counter()
         with ThreadPoolExecutor(num_workers) as pool:
             def check(i):
                 """Refuse a damaged sample (checksums, then the rules of its records), naming it."""
@@ -218,20 +213,12 @@ def relabel(input_path: str, output: str, teacher: str = 'bundled:efficientnet_l
                     (records.nbytes + tops.nbytes) * (len(todo) - todo.index(c) + chunks)
                     + os.path.getsize(input_path)))
 
-            run_chunks(todo, chunk, n, samples, batch_size, prepare, label, save,
-                       lambda done: bar.update(done * world), overlap=device != 'cpu')
-        bar.close()
-        elapsed = time.perf_counter() - began
-        barrier(world)
+            timing = run_chunks(todo, chunk, n, samples, batch_size, prepare, label, save, device, rank,
+                                world, 'relabelling')
         result = {'output': output, 'images': n, 'recipe': recipe, 'teachers': teachers,
-                  'replaced': f.teachers, 'seconds': elapsed, 'rate': rate(bar, samples, elapsed)}
+                  'replaced': f.teachers, **timing}
         if rank == 0:
-            scratch = scratch_dir(output)
-            try:
-                result.update(write_beton(output, BetonImages(f), ChunkSource(parts, recipe, chunk, run),
-                                          scratch, num_workers, teachers))
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-            shutil.rmtree(parts)
+            result.update(assemble(output, parts, BetonImages(f), ChunkSource(parts, recipe, chunk, run),
+                                   num_workers, teachers))
         barrier(world)
         return result
