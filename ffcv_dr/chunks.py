@@ -141,6 +141,17 @@ def topk_records(probs, recipe: Recipe) -> np.ndarray:
     return top
 
 
+def chunk_saver(parts, run, output, todo, count, input_bytes):
+    """``save(c, records, topk)`` for :func:`run_chunks`: chunk c of this run,
+    written by :func:`save_chunk`; on a full disk the estimate of what is still
+    needed counts the chunks left to write, then the file (all ``count``
+    chunks again and ``input_bytes()`` of images)."""
+    def save(c, records, topk):
+        save_chunk(chunk_path(parts, c), records, topk, run, output, lambda: (
+            (records.nbytes + topk.nbytes) * (len(todo) - todo.index(c) + count) + input_bytes()))
+    return save
+
+
 def save_chunk(path, records, topk, run, output, still_needed):
     """Write a finished chunk whole or not at all; a full disk is a JobError
     naming ``output`` and ``still_needed()`` (bytes, this chunk included)."""
@@ -220,3 +231,16 @@ def run_chunks(todo, chunk: int, n: int, samples: int, batch_size: int, prepare,
 def images_of(start: int, stop: int, samples: int) -> range:
     """The images whose reinforcements include numbers start..stop-1."""
     return range(start // samples, -(-stop // samples))
+
+
+def images_starting_in(start: int, stop: int, samples: int) -> range:
+    """The images whose first reinforcement is one of numbers start..stop-1:
+    each image of a chunk is in exactly one such group, its first."""
+    return range(-(-start // samples), -(-stop // samples))
+
+
+def rows_of(per_image, start: int, stop: int, samples: int) -> np.ndarray:
+    """Reinforcements start..stop-1 of the per-image arrays (``samples`` rows
+    each) of the images :func:`images_of` names, in order."""
+    first = start // samples * samples
+    return np.concatenate(per_image)[start - first:stop - first]

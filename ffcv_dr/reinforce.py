@@ -22,8 +22,8 @@ import torch
 from .format import (DEFAULT_CUTMIX, DEFAULT_ERASE_P, DEFAULT_MIXUP, DEFAULT_RA_MAGNITUDE, DEFAULT_RA_OPS,
                      DEFAULT_RATIO, DEFAULT_SCALE, FORMAT_VERSION, HAS_CUTMIX, HAS_MIXUP, HAS_PAIR,
                      IMAGE_METADATA, RECIPES, Recipe, parse_recipe, reinforcement_dtype, topk_dtype)
-from .chunks import (ChunkSource, assemble, barrier, chunk_path, chunks_to_do, images_of, parts_dir,
-                     run_chunks, save_chunk, teacher_job, topk_records)
+from .chunks import (ChunkSource, assemble, barrier, chunk_saver, chunks_to_do, images_of, parts_dir,
+                     rows_of, run_chunks, teacher_job, topk_records)
 from .intake import list_images, probe_images, readable
 from .jobs import ConvertError, digest, images_digest
 from .render import draw_view, fresh_settings, render, render_layout, temp_size
@@ -198,6 +198,8 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
         chunks = (n + chunk - 1) // chunk if samples else 0  # without reinforcements, nothing to generate
         todo = chunks_to_do(parts, chunks, rank, world)
         sizes = [probe[:2] for probe in probes]
+        save = chunk_saver(parts, run, output, todo, chunks,
+                           lambda: sum(os.path.getsize(p) for p in images.paths))
         with ThreadPoolExecutor(num_workers) as pool:
             def load(i, sampled=True):
                 w, h, passthrough = probes[i]
@@ -206,15 +208,19 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
                            else np.zeros(samples, reinforcement_dtype(rec)))  # only its pixels are used
                 return _Image(i, payload, (w, h), (sw, sh), mode, records)
 
+            last = {}  # the previous group's images: an image's reinforcements may span groups
+
             def prepare(start, stop):
                 """Reinforcements start..stop-1: their sampled records, and their renders."""
+                nonlocal last
                 first = start // samples
-                group = list(pool.map(load, images_of(start, stop, samples)))
-                records = np.concatenate([im.records for im in group])[start - first * samples:
-                                                                         stop - first * samples]
-                pairs = {im.index: im for im in group}
-                wanted = sorted({int(p) for p in _pairs(records)} - pairs.keys())
-                pairs.update(zip(wanted, pool.map(lambda i: load(i, sampled=False), wanted)))
+                group = list(pool.map(lambda i: last[i] if i in last else load(i),
+                                      images_of(start, stop, samples)))
+                last = {im.index: im for im in group}
+                records = rows_of([im.records for im in group], start, stop, samples)
+                pairs = dict(last)
+                partners = sorted({int(p) for p in _pairs(records)} - pairs.keys())
+                pairs.update(zip(partners, pool.map(lambda i: load(i, sampled=False), partners)))
                 renders = np.empty((stop - start, size, size, 3), np.uint8)
 
                 def draw(k):
@@ -227,12 +233,6 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
 
             def label(renders, start, stop):
                 return topk_records(model.probs(torch.from_numpy(renders), batch_size, device), rec)
-
-            def save(c, records, tops):
-                save_chunk(chunk_path(parts, c), records, tops, run, output, lambda: (
-                    # the chunks still to write, then the file: the images and all chunks again
-                    (records.nbytes + tops.nbytes) * (len(todo) - todo.index(c) + chunks)
-                    + sum(os.path.getsize(p) for p in images.paths)))
 
             timing = run_chunks(todo, chunk, n, samples, batch_size, prepare, label, save, device, rank,
                                 world, 'reinforcing')

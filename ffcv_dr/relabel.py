@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from .beton import BetonFile
-from .chunks import (ChunkSource, assemble, barrier, chunk_path, chunks_to_do, images_of, parts_dir,
-                     run_chunks, save_chunk, teacher_job, topk_records)
+from .chunks import (ChunkSource, assemble, barrier, chunk_saver, chunks_to_do, images_of,
+                     images_starting_in, parts_dir, rows_of, run_chunks, teacher_job, topk_records)
 from .fields.soft_target import DENSIFY, densify
 from .format import FORMAT_VERSION, MAX_TEACHERS, TeacherEntry, block_crc
 from .jobs import JobError, digest
@@ -160,6 +160,8 @@ def relabel(input_path: str, output: str, teacher: str = 'bundled:efficientnet_l
         chunks = (n + chunk - 1) // chunk
         todo = chunks_to_do(parts, chunks, rank, world)
         layout, limits, fresh = render_layout(f.recipe), magnitude_limits(f.recipe), fresh_settings(f.recipe)
+        # on a full disk the file still needs about the input's size again
+        save = chunk_saver(parts, run, output, todo, chunks, lambda: os.path.getsize(input_path))
         with ThreadPoolExecutor(num_workers) as pool:
             def check(i):
                 """Refuse a damaged sample (checksums, then the rules of its records), naming it."""
@@ -186,14 +188,11 @@ def relabel(input_path: str, output: str, teacher: str = 'bundled:efficientnet_l
                        layout, fresh)
 
             def rows(get, start, stop):
-                """Reinforcements start..stop-1 of the per-image arrays ``get(i)``."""
-                images = images_of(start, stop, samples)
-                first = images.start * samples
-                return np.concatenate([get(i) for i in images])[start - first:stop - first]
+                return rows_of([get(i) for i in images_of(start, stop, samples)], start, stop, samples)
 
             def prepare(start, stop):
                 """Reinforcements start..stop-1: their stored records, and their renders."""
-                list(pool.map(check, images_of(start, stop, samples)))
+                list(pool.map(check, images_starting_in(start, stop, samples)))  # before any render
                 renders = np.empty((stop - start, size, size, 3), np.uint8)
                 list(pool.map(lambda k: draw(start + k, renders[k]), range(len(renders))))
                 return rows(f.records, start, stop), renders
@@ -206,12 +205,6 @@ def relabel(input_path: str, output: str, teacher: str = 'bundled:efficientnet_l
                     _dense(raw, f.topk_dtype.itemsize, f.recipe.topk, stored, densify_mode == 'zeros')
                     probs = weight * probs + (1 - weight) * torch.from_numpy(stored)
                 return topk_records(probs, recipe)
-
-            def save(c, records, tops):
-                save_chunk(chunk_path(parts, c), records, tops, run, output, lambda: (
-                    # the chunks still to write, then the file: the input again, less its old top-k
-                    (records.nbytes + tops.nbytes) * (len(todo) - todo.index(c) + chunks)
-                    + os.path.getsize(input_path)))
 
             timing = run_chunks(todo, chunk, n, samples, batch_size, prepare, label, save, device, rank,
                                 world, 'relabelling')

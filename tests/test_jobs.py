@@ -26,13 +26,13 @@ def _folder(root, images):
 
 def _first_chunk_only(monkeypatch):
     """Stop a reinforce run after its first chunk, as a kill would."""
-    import ffcv_dr.reinforce as rf
-    save = rf.save_chunk
+    import ffcv_dr.chunks as chunks
+    save = chunks.save_chunk
 
     def save_then_die(path, *args):
         save(path, *args)
         raise KeyboardInterrupt
-    monkeypatch.setattr(rf, 'save_chunk', save_then_die)
+    monkeypatch.setattr(chunks, 'save_chunk', save_then_die)
 
 
 def test_resuming_with_other_images_is_refused_and_restart_starts_over(tmp_path, monkeypatch):
