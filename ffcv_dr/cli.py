@@ -8,7 +8,7 @@ import os
 import sys
 
 from .format import (DEFAULT_CUTMIX, DEFAULT_ERASE_P, DEFAULT_MIXUP, DEFAULT_RA_MAGNITUDE, DEFAULT_RA_OPS,
-                     DEFAULT_RATIO, DEFAULT_SCALE, RECIPES)
+                     DEFAULT_RATIO, DEFAULT_SCALE, RECIPES, describe_teachers)
 
 
 def _storage(args):
@@ -87,8 +87,8 @@ def _info(args):
     if args.json:
         print(json.dumps(info))
         return
-    info['teachers'] = ('; '.join(t.describe() for t in f.teachers) if f.teachers else
-                        'unknown (not recorded: made before ffcv-dr kept the record, or from ml-dr)')
+    info['teachers'] = describe_teachers(
+        f.teachers, 'unknown (not recorded: made before ffcv-dr kept the record, or from ml-dr)')
     for key, value in info.items():
         print(f'{key:32s} {value}')
 
@@ -141,13 +141,10 @@ def _relabel(args):
                      pretrained=not args.no_pretrained, restart=args.restart)
     if os.path.exists(args.output) and 'recipe' in result:
         r = result['recipe']
-        was = ('; '.join(t.describe() for t in result['replaced']) if result['replaced']
-               else 'unknown teachers')
         print(f"wrote {args.output}: {result['images']} images x {r.num_samples} reinforcements "
-              f"relabelled, top-{r.topk} of {r.num_classes} classes "
-              f"({_rate(result)})")
-        print(f"  labels were by: {was}")
-        print(f"  labels now by:  {'; '.join(t.describe() for t in result['teachers'])}")
+              f"relabelled, top-{r.topk} of {r.num_classes} classes ({_rate(result)})")
+        print(f"  labels were by: {describe_teachers(result['replaced'])}")
+        print(f"  labels now by:  {describe_teachers(result['teachers'])}")
 
 
 def _rate(result) -> str:

@@ -276,6 +276,11 @@ class TeacherEntry:
         return f'{self.weight:.4g} x {who}'
 
 
+def describe_teachers(teachers, unknown: str = 'unknown teachers') -> str:
+    """A file's record of teachers in one line; ``unknown`` where it has none."""
+    return '; '.join(t.describe() for t in teachers) if teachers else unknown
+
+
 def teachers_to_binary(teachers, binary) -> None:
     """Write the record of ``teachers`` (TeacherEntry's) into a field argument
     block (as :meth:`Recipe.to_binary` makes it)."""
@@ -300,8 +305,11 @@ def teachers_from_binary(binary):
         return None
     arr = raw.copy().view(TEACHERS_DTYPE)[0]
     count = int(arr['count'])
-    if _teachers_crc(arr) != arr['crc32'] or not 1 <= count <= MAX_TEACHERS:
+    if _teachers_crc(arr) != arr['crc32']:
         raise ValueError('the record of teachers in the target field fails its CRC32: the file is damaged')
+    if not 1 <= count <= MAX_TEACHERS:
+        raise ValueError(f'the record of teachers in the target field claims {count} teachers, not '
+                         f'1..{MAX_TEACHERS}: the file is damaged')
     entries = []
     for row in arr['entries'][:count]:
         weight = float(row['weight'])
