@@ -33,6 +33,14 @@ def _layout(path):
     return f, names, meta_start, FieldDescType, HeaderType
 
 
+def arguments_offset(path, field) -> int:
+    """Byte offset of a field's 1024-byte FFCV argument block in ``path``."""
+    from ffcv.types import FieldDescType, HeaderType
+    from ffcv_dr.beton import BetonFile
+    k = BetonFile(path).reader.field_names.index(field)
+    return HeaderType.itemsize + k * FieldDescType.itemsize + FieldDescType.fields['arguments'][1]
+
+
 def _values(dtype, rng, short=False):
     """Boundary values for a field of ``dtype``, as raw bytes: 0, max, the top
     bit set (a negative number to a signed reader), NaN, inf and -1 for floats,

@@ -46,10 +46,7 @@ def files(tmp_path_factory):
 
 
 def _recipe_offset(path, field, name):
-    from ffcv.types import FieldDescType, HeaderType
-    from ffcv_dr.beton import BetonFile
-    k = BetonFile(path).reader.field_names.index(field)
-    args = HeaderType.itemsize + k * FieldDescType.itemsize + FieldDescType.fields['arguments'][1]
+    args = fuzz.arguments_offset(path, field)
     return args, args + RECIPE_DTYPE.fields[name][1]
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from ffcv.loader import OrderOption
 
+import fuzz
 from helpers import killed_after_a_chunk, same_content, teacher_on_replay
 from ffcv_dr import Loader
 from ffcv_dr.beton import BetonFile
@@ -127,11 +128,9 @@ def test_combine_mean_weighs_the_new_teacher_against_the_stored_labels(stored, r
 
 def test_a_file_without_the_record_relabels_and_says_unknown(stored, tmp_path):
     """Files made before the record (their bytes are zero) and from ml-dr's pickles."""
-    from ffcv.types import FieldDescType, HeaderType
     old = str(tmp_path / 'old.beton')
     shutil.copy(stored, old)
-    k = BetonFile(stored).reader.field_names.index('target')
-    at = HeaderType.itemsize + k * FieldDescType.itemsize + FieldDescType.fields['arguments'][1] + TEACHERS_AT
+    at = fuzz.arguments_offset(stored, 'target') + TEACHERS_AT
     with open(old, 'r+b') as fh:
         fh.seek(at)
         fh.write(bytes(TEACHERS_DTYPE.itemsize))
@@ -182,8 +181,7 @@ def test_files_the_kernels_cannot_replay_are_refused(stored, small_images, tmp_p
     out = str(tmp_path / 'out.beton')
     newer = str(tmp_path / 'newer.beton')  # a recipe of a format this ffcv-dr does not know
     shutil.copy(stored, newer)
-    from ffcv.types import FieldDescType, HeaderType
-    at = HeaderType.itemsize + FieldDescType.fields['arguments'][1] + RECIPE_DTYPE.fields['version'][1]
+    at = fuzz.arguments_offset(stored, 'image') + RECIPE_DTYPE.fields['version'][1]
     with open(newer, 'r+b') as fh:
         fh.seek(at)
         fh.write(np.uint16(99).tobytes())
@@ -202,7 +200,6 @@ def test_files_the_kernels_cannot_replay_are_refused(stored, small_images, tmp_p
 
 def test_a_damaged_record_is_refused_by_name(stored, tmp_path):
     """A RandAugment op the kernels do not know, its checksum made to match."""
-    import fuzz
     f = BetonFile(stored)
     op = f.record_dtype.fields['ra_op'][1]
     damaged = str(tmp_path / 'damaged.beton')
