@@ -71,10 +71,13 @@ class BetonFile:
             raise ValueError(f'{self.path}: no data block starts at byte {int(ptr)}')
         return self._mmap[int(ptr):int(ptr) + int(self._sizes[k])]
 
+    def image_block_sizes(self) -> np.ndarray:
+        """The size in bytes of each sample's image block (records, then image)."""
+        return self._sizes[np.searchsorted(self._ptrs, self.image_meta['data_ptr'])]
+
     def image_bytes(self) -> int:
         """Bytes taken by all stored images (image blocks less their parameters)."""
-        blocks = self._sizes[np.searchsorted(self._ptrs, self.image_meta['data_ptr'])]
-        return int(blocks.sum()) - len(self) * self.params_size
+        return int(self.image_block_sizes().sum()) - len(self) * self.params_size
 
     def image_block(self, index: int) -> np.ndarray:
         return self.block(self.image_meta[index]['data_ptr'])

@@ -75,15 +75,16 @@ def read_epoch(address):
 
 
 # Columns of the per-sample table both decoders read: where each image's two
-# blocks are, its original size (the crops' pixel space), and a flag set by
-# the decoders when a sample holds a damaged record.
-IMAGE_PTR, TARGET_PTR, ORIG_H, ORIG_W, DAMAGED = range(5)
-TABLE_COLUMNS = 5
+# blocks are, its original size (the crops' pixel space), a flag set by the
+# decoders when a sample holds a damaged record, and the image block's size
+# (for reading a mixing partner from the file, see :mod:`ffcv_dr.file_reads`).
+IMAGE_PTR, TARGET_PTR, ORIG_H, ORIG_W, DAMAGED, IMAGE_SIZE = range(6)
+TABLE_COLUMNS = 6
 
 
 @nb.njit(nogil=True, fastmath=False, cache=True)
 def sample_table(address, n):
-    """The (n, 5) int64 table at ``address`` (a :class:`ReplayClock`'s ``table``)."""
+    """The (n, TABLE_COLUMNS) int64 table at ``address`` (a :class:`ReplayClock`'s ``table``)."""
     return nb.carray(_address_as_pointer(address), (n, TABLE_COLUMNS), np.int64)
 
 
@@ -113,6 +114,7 @@ class ReplayClock:
         table[:, TARGET_PTR] = beton.target_meta['data_ptr']
         table[:, ORIG_H] = beton.image_meta['orig_height']
         table[:, ORIG_W] = beton.image_meta['orig_width']
+        table[:, IMAGE_SIZE] = beton.image_block_sizes()
         self.path, self._table = beton.path, table
 
     @property

@@ -12,10 +12,11 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 
+from ..file_reads import open_for_reads, read_payload
 from ..format import IMAGE_METADATA, Recipe, block_crc, reinforcement_dtype
 from ..render import fresh_settings, pair_index, render, render_layout, temp_size
 from ..rules import magnitude_limits, replayable
-from ..replay_clock import TARGET_PTR, ReplayClock, choose, read_epoch, sample_table
+from ..replay_clock import IMAGE_SIZE, TARGET_PTR, ReplayClock, choose, read_epoch, sample_table
 
 
 class ReinforcedImageField(Field):
@@ -70,7 +71,8 @@ class ReinforcedImageDecoder(Operation):
     Output: uint8 HWC images of ``output_size`` (default: the recipe's size).
     The stored crop is replayed, then flip, RandAugment, RandomErasing and,
     in mixing recipes, MixUp/CutMix with the paired image, which is read from
-    the same file. Stored boxes and translations are rescaled when the output
+    the same file (under ``os_cache=False``, by a read of just its bytes:
+    FFCV's process cache loads only the batch's own pages). Stored boxes and translations are rescaled when the output
     size differs from the recipe's. With probability ``1 - clock.p`` a sample
     gets a fresh augmentation from the same kernels instead, drawn as the
     stored ones were (the recipe's scale, ratio, RandAugment magnitude and
@@ -84,6 +86,7 @@ class ReinforcedImageDecoder(Operation):
         super().__init__()
         self.output_size = output_size
         self.clock = clock if clock is not None else ReplayClock()
+        self._fd = None  # the file, for mixing partners under os_cache=False
 
     def _out_shape(self):
         size = self.output_size or (self.field.recipe.size,) * 2
@@ -98,11 +101,13 @@ class ReinforcedImageDecoder(Operation):
 
     def generate_code(self) -> Callable:
         recipe = self.field.recipe
+        # FFCV's process cache (os_cache=False) loads only the batch's own pages:
+        # a mixing partner's image is then read from the file by itself.
+        fd = np.int32(-1)
         if recipe.mixing and not _reads_whole_file(self.memory_read):
-            raise ValueError(
-                'this .beton mixes images (MixUp/CutMix): the decoder reads each paired image '
-                "from the file, which FFCV's process cache (os_cache=False) does not load; "
-                'use os_cache=True')
+            if self._fd is None:
+                self._fd = open_for_reads(self, self.clock.path)
+            fd = np.int32(self._fd)
         if self.clock.p > 0 and not recipe.num_samples:
             raise ValueError(f'holds no reinforcements, so only fresh augmentations (p=0) can be '
                              f'loaded, not p={self.clock.p}')
@@ -131,7 +136,11 @@ class ReinforcedImageDecoder(Operation):
                 pair_meta, pair_block = meta, block
                 if pair >= 0:
                     pair_meta = metadata[pair]
-                    pair_block = mem_read(pair_meta['data_ptr'], storage_state)
+                    if fd >= 0:
+                        pair_block = read_payload(fd, pair_meta['data_ptr'], table[pair, IMAGE_SIZE],
+                                                  layout.params_size)
+                    else:
+                        pair_block = mem_read(pair_meta['data_ptr'], storage_state)
                 render(block, meta, pair_block, pair_meta, j, seed, epoch, index,
                        temp_storage[dst_ix], destination[dst_ix], layout, fresh)
             return destination[:len(batch_indices)]

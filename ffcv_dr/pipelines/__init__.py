@@ -13,6 +13,7 @@ from ffcv.pipeline import PipelineSpec
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from ..beton import BetonFile
+from ..page_order import QuasiRandomPages
 from ..fields import (CUSTOM_FIELDS, ReinforcedImageDecoder, ReinforcementIndexDecoder,
                       SoftTargetDecoder)
 from ..replay_clock import ReplayClock
@@ -81,8 +82,11 @@ class Loader(ffcv.loader.Loader):
     epoch sample i replays j = f(seed, epoch, i); the same ``seed`` also seeds
     FFCV's traversal order. ``p`` is the probability of replaying a stored
     reinforcement rather than drawing a fresh augmentation (the recipe's ops,
-    without mixing) with the one-hot label (ml-dr trains with 0.99). Mixing
-    recipes need ``os_cache=True``: paired images are read from the file.
+    without mixing) with the one-hot label (ml-dr trains with 0.99).
+    ``order=OrderOption.QUASI_RANDOM`` reads the file page by page, for a file
+    larger than memory with ``os_cache=False``, also with ``distributed=True``
+    (:mod:`ffcv_dr.page_order`); mixing recipes then read each paired image
+    from the file by itself (:mod:`ffcv_dr.file_reads`).
     :meth:`set_output_size` changes the image size between epochs
     (progressive resizing) without recompiling anything. With a ``device``,
     images come normalised with ``mean`` and ``std`` (0..255 units; ImageNet's
@@ -97,17 +101,25 @@ class Loader(ffcv.loader.Loader):
                  os_cache: bool = True, drop_last: bool = True, batches_ahead: int = 3,
                  dtype=np.float16, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.clock = ReplayClock(seed, p)
-        self.clock.bind(BetonFile(fname))  # refuses, naming the file, sample and field, a bad file
+        beton = BetonFile(fname)  # refuses, naming the file, sample and field, a bad file
+        self.clock.bind(beton)
         pipelines = train_pipelines(self.clock, output_size, device, densify, labels,
                                     reinforcement_index, mean, std, dtype)
         self.image_decoder = pipelines['image'][0]
+        quasi_random = order == OrderOption.QUASI_RANDOM
         try:  # the decoders refuse, when compiled here, what this file cannot give
             super().__init__(fname, batch_size, num_workers=num_workers, os_cache=os_cache,
-                             order=order, distributed=distributed, seed=seed, indices=indices,
+                             order=OrderOption.SEQUENTIAL if quasi_random else order,
+                             distributed=distributed, seed=seed, indices=indices,
                              pipelines=pipelines, custom_fields=CUSTOM_FIELDS,
                              drop_last=drop_last, batches_ahead=batches_ahead)
         except ValueError as e:
             raise ValueError(f'{fname}: {e}') from None
+        if quasi_random:  # FFCV's refuses distributed=True (and its class cannot be passed in)
+            pages = beton.image_meta['data_ptr'] >> np.uint64(int(np.log2(self.reader.page_size)))
+            self.traversal_order = QuasiRandomPages(self, pages)
+            self._args['order'] = order
+            self.first_traversal_order = self.next_traversal_order()
 
     def __iter__(self):
         self.clock.report_damaged()  # what the epochs before found
