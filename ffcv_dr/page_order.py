@@ -15,10 +15,15 @@ rank here takes whole pages:
 2. Within its share a rank orders samples as FFCV's QuasiRandom does: pages
    in the shuffled order enter a window of ``2 * batch_size`` pages, and each
    next sample is drawn from a random page of the window.
-3. Whole pages make shares differ by up to a page's sample count, so, as
-   PyTorch's ``DistributedSampler`` (``drop_last=False``) pads, shorter shares
-   repeat samples until every rank has as many as the largest: repeats of the
-   share's last samples, whose pages are still in memory then.
+3. Every rank yields ceil(N / world_size) samples each epoch, as PyTorch's
+   ``DistributedSampler`` (``drop_last=False``) makes it, so that ranks run
+   the same number of steps and ``len(loader)`` stays fixed. Whole pages make
+   shares differ by up to about a page's samples: a shorter share is padded
+   by repeating its last samples (whose pages are still in memory then), and
+   a longer one drops its last samples for that epoch. At ImageNet's scale
+   (about 70 samples a page, 160,000 a rank on 8 GPUs) that is a few dozen
+   samples a rank per epoch, different ones each epoch; without
+   ``distributed`` nothing is padded or dropped.
 
 A sample's blocks (its image and its top-k) lie on one page: FFCV's writer
 moves a sample that does not fit to the next page whole. The order is a pure
@@ -85,6 +90,19 @@ def shares(pages: np.ndarray, indices: np.ndarray, world_size: int, seed: int, e
             for r in range(world_size)]
 
 
+def rank_order(pages: np.ndarray, indices: np.ndarray, rank: int, world_size: int, window: int,
+               seed: int, epoch: int) -> np.ndarray:
+    """Rank ``rank``'s samples for ``epoch``: ceil(len(indices) / world_size) of them."""
+    length = -(-len(indices) // world_size)
+    members, starts, counts = shares(pages, indices, world_size, seed, epoch)[rank]
+    order = np.empty(int(counts.sum()), np.int64)
+    draws = np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32, epoch, rank]).generate_state(1)[0]
+    _window_order(members, starts, counts, window, np.uint32(draws & 0x7FFFFFFF), order)
+    if len(order) < length:  # pad as DistributedSampler does, with the share's last samples
+        order = np.concatenate([order, np.resize(order[::-1], length - len(order))[::-1]])
+    return order[:length]
+
+
 class QuasiRandomPages(TraversalOrder):
     """The order described in this module's docstring. ``pages[i]``: the page
     (byte offset >> log2(page size), as FFCV's memory managers count) that
@@ -102,14 +120,5 @@ class QuasiRandomPages(TraversalOrder):
             self.rank, self.world_size = 0, 1
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        seed = int(self.seed) & 0xFFFFFFFFFFFFFFFF
-        all_shares = shares(self.pages, self.indices, self.world_size, seed, epoch)
-        length = max(int(c.sum()) for _, _, c in all_shares)
-        members, starts, counts = all_shares[self.rank]
-        order = np.empty(int(counts.sum()), np.int64)
-        draw_seed = np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32, epoch, self.rank])
-        _window_order(members, starts, counts, self.window,
-                      np.uint32(draw_seed.generate_state(1)[0] & 0x7FFFFFFF), order)
-        if len(order) < length:  # pad as DistributedSampler does, with the share's last samples
-            order = np.concatenate([order, np.resize(order[::-1], length - len(order))[::-1]])
-        return order
+        return rank_order(self.pages, self.indices, self.rank, self.world_size, self.window,
+                          int(self.seed) & 0xFFFFFFFFFFFFFFFF, epoch)

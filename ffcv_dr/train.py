@@ -46,6 +46,7 @@ from .intake import list_images
 from .models import create
 from .pipelines import Loader
 
+ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
 DEFAULTS = {
     'data': {
         'train': None,             # the ffcv-dr .beton
@@ -55,7 +56,8 @@ DEFAULTS = {
         'image_size': None,        # training side; default: the recipe's
         'val_crop_ratio': 0.875,   # centre crop of the validation images (1.0: whole image)
         'p': 1.0,                  # dr: probability of a stored reinforcement (ml-dr: 0.99)
-        'os_cache': True,
+        'os_cache': True,          # False: a file bigger than memory, read page by page
+        'order': 'random',         # random | quasi_random (reads a file without os_cache page by page)
         'seed': 0,
     },
     'model': {
@@ -139,6 +141,8 @@ def load_config(path: str = None, overrides=()) -> dict:
             cfg[section] = value
     if cfg['train']['mode'] not in MODES:
         raise ValueError(f"train.mode must be one of {', '.join(MODES)}, got {cfg['train']['mode']!r}")
+    if cfg['data']['order'] not in ORDERS:
+        raise ValueError(f"data.order must be one of {', '.join(ORDERS)}, got {cfg['data']['order']!r}")
     if not cfg['data']['train']:
         raise ValueError('data.train: no training .beton given')
     return cfg
@@ -247,7 +251,7 @@ class Trainer:
             resolution(0, r['min_res'], r['max_res'], r['start_ramp'], r['end_ramp'])  # checks
         self.size = (r['max_res'] if self.ramp else None) or d['image_size'] or recipe.size
         p = d['p'] if t['mode'] == 'dr' else 0.0  # erm and kd: fresh augmentations only
-        self.train_loader = Loader(d['train'], d['batch_size'], d['workers'], order=OrderOption.RANDOM,
+        self.train_loader = Loader(d['train'], d['batch_size'], d['workers'], order=ORDERS[d['order']],
                                    distributed=self.world > 1, seed=d['seed'], p=p,
                                    output_size=(self.size, self.size), labels=True,
                                    os_cache=d['os_cache'])

@@ -163,8 +163,6 @@ def test_mixing_loader_reads_the_paired_image(mixing_beton):
                 paired += f.describe(i, int(j))['params']['pair'] is not None
                 np.testing.assert_array_equal(img, f.render(i, int(j), 3, epoch))
     assert paired > 20
-    with pytest.raises(ValueError, match='os_cache=True'):
-        Loader(mixing_beton, batch_size=16, num_workers=1, os_cache=False)
 
 
 def test_fresh_samples_draw_randaugment_and_erasing(randaug_beton):
