@@ -3,7 +3,7 @@ schedule: a MixUp/CutMix partner is known only once the sample's record is
 read, after FFCV has planned the epoch's pages (``os_cache=False``).
 
 The partner's stored image is read with one ``pread`` of just its bytes into
-memory the kernel allocates and frees per sample, so memory stays bounded by
+memory allocated and freed with the sample, so memory stays bounded by
 the decoding threads times the largest image, whatever the file's size, and
 nothing of the file is mapped. ``pread`` is called by symbol name, as the
 C functions in :mod:`ffcv_dr.jpeg` are, so the kernel is cached on disk.

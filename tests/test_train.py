@@ -65,10 +65,11 @@ def test_resolution_ramps_as_ffcv_imagenet():
 
 
 def test_training_follows_the_resolution_ramp(mixing_beton, small_images, tmp_path):
-    """Each epoch's batches come at the ramp's side, and the network takes them as they come."""
+    """Each epoch's batches come at the ramp's side, and the network takes them
+    as they come; here read as a file bigger than memory is (mixing partners too)."""
     train(config(mixing_beton, small_images, str(tmp_path), 'train.epochs=3', 'resolution.min_res=32',
                  'resolution.max_res=96', 'resolution.start_ramp=0', 'resolution.end_ramp=2',
-                 'resolution.val_res=64'))
+                 'resolution.val_res=64', 'data.os_cache=false', 'data.order=quasi_random'))
     assert [r['resolution'] for r in read_log(str(tmp_path))] == [32, 64, 96]
 
 
@@ -77,6 +78,8 @@ def test_unknown_settings_are_refused():
         load_config(None, ['data.train=x', 'train.epoch=3'])
     with pytest.raises(ValueError, match='train.mode must be one of erm, dr, kd'):
         load_config(None, ['data.train=x', 'train.mode=distill'])
+    with pytest.raises(ValueError, match='data.order must be one of random, quasi_random'):
+        load_config(None, ['data.train=x', 'data.order=sequential'])
 
 
 def test_dr_training_logs_evaluates_and_resumes_exactly(mixing_beton, small_images, tmp_path):

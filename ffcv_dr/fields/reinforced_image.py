@@ -72,8 +72,8 @@ class ReinforcedImageDecoder(Operation):
     The stored crop is replayed, then flip, RandAugment, RandomErasing and,
     in mixing recipes, MixUp/CutMix with the paired image, which is read from
     the same file (under ``os_cache=False``, by a read of just its bytes:
-    FFCV's process cache loads only the batch's own pages). Stored boxes and translations are rescaled when the output
-    size differs from the recipe's. With probability ``1 - clock.p`` a sample
+    FFCV's process cache loads only the batch's own pages). Stored boxes and
+    translations are rescaled when the output size differs from the recipe's. With probability ``1 - clock.p`` a sample
     gets a fresh augmentation from the same kernels instead, drawn as the
     stored ones were (the recipe's scale, ratio, RandAugment magnitude and
     erasing probability). So does a sample whose record or top-k
