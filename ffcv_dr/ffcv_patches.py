@@ -1,4 +1,9 @@
-"""A fix for FFCV 1.0.2, applied when ffcv_dr is imported.
+"""Fixes for FFCV 1.0.2, applied when ffcv_dr is imported.
+
+An error in the thread that runs FFCV's pipeline ended that thread and left
+the training loop waiting for a batch forever. The error now reaches the
+loop: the thread hands it over in place of the next batch, and the loop's
+``next`` raises it.
 
 FFCV's memory managers build their state types as ``t = nb.uint8[::1]`` and
 then set ``t.mutable = False``. numba interns its types, so this flips the
@@ -8,8 +13,12 @@ it is a key in numba's overload tables. Jitted kernels that outlive one
 when the next Loader compiles. The replacements below build new read-only
 types and leave the interned ones alone.
 """
+from queue import Full
+
 import numba as nb
 import numpy as np
+from ffcv.loader import epoch_iterator
+from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.compiler import Compiler
 from ffcv.memory_managers.os_cache import OSCacheManager
 from ffcv.memory_managers.process_cache.manager import ProcessCacheManager
@@ -40,3 +49,43 @@ def _process_cache_state_type(self):
 OSCacheManager.state_type = property(_os_cache_state_type)
 OSCacheManager.compile_reader = _os_cache_compile_reader
 ProcessCacheManager.state_type = property(_process_cache_state_type)
+
+
+class _Failure:
+    """What the pipeline's thread raised, in place of a batch."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_run = EpochIterator.run
+
+
+def _run_handing_over_errors(self):
+    try:
+        _run(self)
+    except BaseException as error:  # noqa: BLE001 -- handed to the caller, who raises it
+        while not self.terminate_event.is_set():
+            try:
+                self.output_queue.put(_Failure(error), timeout=0.5)
+                return
+            except Full:
+                pass
+
+
+def _next_raising_errors(self):
+    # FFCV's __next__, raising what the pipeline's thread raised.
+    result = self.output_queue.get()
+    if result is None or isinstance(result, _Failure):
+        self.close()
+        if result is None:
+            raise StopIteration()
+        raise result.error
+    slot, result = result
+    if epoch_iterator.IS_CUDA:
+        self.current_stream.wait_stream(self.cuda_streams[slot])
+    return result
+
+
+EpochIterator.run = _run_handing_over_errors
+EpochIterator.__next__ = _next_raising_errors

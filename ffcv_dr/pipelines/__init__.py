@@ -14,6 +14,7 @@ from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorch
 
 from ..beton import BetonFile
 from ..page_order import QuasiRandomPages
+from . import arguments
 from ..fields import (CUSTOM_FIELDS, ReinforcedImageDecoder, ReinforcementIndexDecoder,
                       SoftTargetDecoder)
 from ..replay_clock import ReplayClock
@@ -100,8 +101,20 @@ class Loader(ffcv.loader.Loader):
                  reinforcement_index: bool = False, indices: Sequence[int] = None,
                  os_cache: bool = True, drop_last: bool = True, batches_ahead: int = 3,
                  dtype=np.float16, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        arguments.check(batch_size=batch_size, num_workers=num_workers, order=order,
+                        distributed=distributed, seed=seed, p=p, densify=densify, labels=labels,
+                        reinforcement_index=reinforcement_index, os_cache=os_cache,
+                        drop_last=drop_last, batches_ahead=batches_ahead, dtype=dtype, mean=mean,
+                        std=std)
+        device = arguments.device(device)
         self.clock = ReplayClock(seed, p)
         beton = BetonFile(fname)  # refuses, naming the file, sample and field, a bad file
+        indices = arguments.indices(indices, len(beton), fname)
+        arguments.check_epoch(_per_process(len(beton) if indices is None else len(indices), distributed),
+                              batch_size, drop_last, fname)
+        self._bytes_per_pixel = 3 * (3 if beton.recipe.mixing else 2)  # output and scratch
+        output_size = arguments.output_size(output_size, batch_size, batches_ahead + 2,
+                                            self._bytes_per_pixel)
         self.clock.bind(beton)
         pipelines = train_pipelines(self.clock, output_size, device, densify, labels,
                                     reinforcement_index, mean, std, dtype)
@@ -133,10 +146,19 @@ class Loader(ffcv.loader.Loader):
         compiled decoder takes the size from the buffer it writes to (stored
         boxes and translations scale with it), so the next epoch's first
         batch comes as fast as any other."""
-        h, w = (int(v) for v in output_size)
-        if h < 1 or w < 1:
-            raise ValueError(f'output size must be positive, got {output_size}')
-        self.image_decoder.output_size = (h, w)
+        self.image_decoder.output_size = arguments.output_size(
+            output_size, self.batch_size, self.batches_ahead + 2, self._bytes_per_pixel)
+
+
+def _per_process(count: int, distributed: bool) -> int:
+    """Samples each process gets an epoch: a DistributedSampler's share."""
+    if not distributed:
+        return count
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError('distributed=True: torch.distributed is not initialised (run under torchrun '
+                         'and call torch.distributed.init_process_group first)')
+    return -(-count // dist.get_world_size())
 
 
 def epoch_rate(loader) -> float:

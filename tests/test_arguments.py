@@ -1,0 +1,110 @@
+"""The Loader refuses, when built, every argument that used to end in a signal,
+a hang or wrong batches, naming the argument; an error in FFCV's pipeline
+thread reaches the training loop instead of leaving it waiting."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from ffcv.loader import OrderOption
+
+from ffcv_dr import Loader
+from ffcv_dr.beton import BetonFile
+
+BAD = [
+    (dict(indices=[100000]), r'indices\[0\]=100000: outside the file, whose samples are 0 to 499'),
+    (dict(indices=[500]), r'indices\[0\]=500: outside the file'),
+    (dict(indices=[3, -1]), r'indices\[1\]=-1: outside the file'),
+    (dict(indices=[0.5, 1.5]), r'indices: must be integers, got float64'),
+    (dict(indices=[[1, 2], [3, 4]]), r'indices: must be a 1-D sequence .* shape \(2, 2\)'),
+    (dict(indices=[]), r'indices: empty'),
+    (dict(output_size=(0, 0)), r'output_size=\(0, 0\): must be \(height, width\), two integers'),
+    (dict(output_size=(2.7, 2.7)), r'output_size=\(2.7, 2.7\): must be'),
+    (dict(output_size=(20000, 20000)), r'output_size=\(20000, 20000\): the batch buffers would take'),
+    (dict(batch_size=0), r'batch_size=0: must be an integer of at least 1'),
+    (dict(batch_size=1000), r'batch_size=1000 with drop_last=True: the 500 samples .* make no full batch'),
+    (dict(num_workers=0), r'num_workers=0: must be -1 \(every core\)'),
+    (dict(batches_ahead=0), r'batches_ahead=0: must be an integer of at least 1'),
+    (dict(batches_ahead=-1), r'batches_ahead=-1'),
+    (dict(p=1.5), r'p=1.5: must be a probability'),
+    (dict(p=float('nan')), r'p=nan'),
+    (dict(seed=-3), r'seed=-3: must be an integer from 0'),
+    (dict(seed=0.5), r'seed=0.5'),
+    (dict(order='random'), r"order='random': must be an ffcv.loader.OrderOption"),
+    (dict(dtype=np.int8), r'dtype=.*int8.*: must be np.float16 or np.float32'),
+    (dict(device='cuda:7'), r"device='cuda:7': this machine has \d+ CUDA devices"),
+    (dict(device='tpu'), r"device='tpu'"),
+    (dict(densify='sharpen'), r"densify='sharpen': must be one of smooth, zeros"),
+    (dict(mean=[1, 2]), r'mean=\[1, 2\]: must be three finite numbers'),
+    (dict(std=[1, 0, 1]), r'std=\[1, 0, 1\]: .* each above 0'),
+    (dict(distributed=True), r'distributed=True: torch.distributed is not initialised'),
+    (dict(drop_last='yes'), r"drop_last='yes': must be True or False"),
+]
+
+
+@pytest.mark.parametrize('kwargs, message', BAD, ids=[str(k) for k, _ in BAD])
+def test_bad_arguments_are_refused_by_name(randaug_beton, kwargs, message):
+    args = {**dict(batch_size=8, num_workers=1), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        Loader(randaug_beton, **args)
+
+
+def test_set_output_size_takes_integers_only(randaug_beton):
+    loader = Loader(randaug_beton, batch_size=8, num_workers=1, indices=np.arange(16))
+    for size in [(2.7, 2.7), (0, 5), (True, 3), 'abc', (64,)]:
+        with pytest.raises(ValueError, match='output_size=.*must be'):
+            loader.set_output_size(size)
+    loader.set_output_size((np.int64(40), 48))
+    images = next(iter(loader))[0]
+    assert images.shape[1:3] == (40, 48)
+
+
+def test_repeated_and_numpy_indices_are_kept(randaug_beton):
+    f = BetonFile(randaug_beton)
+    loader = Loader(randaug_beton, batch_size=4, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    indices=np.array([3, 3, 7, 9], np.uint32), labels=True)
+    labels = next(iter(loader))[2].numpy()
+    assert labels.tolist() == [f.label(i) for i in (3, 3, 7, 9)]
+
+
+FAILING_PIPELINE = """
+import sys, numpy as np
+from dataclasses import replace
+from ffcv.fields.basics import IntDecoder
+from ffcv.loader import Loader
+from ffcv.pipeline.operation import Operation
+import ffcv_dr
+from ffcv_dr.beton import BetonFile
+
+LABEL_40 = BetonFile(sys.argv[1]).label(40)
+
+class FailsOnSample40(Operation):
+    def generate_code(self):
+        def fail(labels, _):
+            if (labels == LABEL_40).any():
+                raise RuntimeError('a worker failed on sample 40')
+            return labels
+        return fail
+    def declare_state_and_memory(self, previous_state):
+        return replace(previous_state, jit_mode=False), None
+
+clock = ffcv_dr.ReplayClock()
+clock.bind(BetonFile(sys.argv[1]))
+pipelines = ffcv_dr.train_pipelines(clock, (32, 32))
+pipelines['label'] = [IntDecoder(), FailsOnSample40()]
+loader = Loader(sys.argv[1], batch_size=8, num_workers=1, pipelines=pipelines,
+                custom_fields=ffcv_dr.CUSTOM_FIELDS, indices=np.arange(64))
+seen = 0
+try:
+    for batch in loader:
+        seen += 1
+except RuntimeError as e:
+    print(f'raised after {seen} batches: {e}')
+"""
+
+
+def test_an_error_in_the_pipeline_thread_reaches_the_loop(randaug_beton):
+    done = subprocess.run([sys.executable, '-c', FAILING_PIPELINE, randaug_beton], capture_output=True,
+                          text=True, timeout=300)  # before the fix: waits forever
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 'raised after 5 batches: a worker failed on sample 40' in done.stdout
