@@ -22,15 +22,16 @@ class BetonFile:
     is refused with a ValueError naming the file, the first bad sample and
     the field."""
 
-    def __init__(self, path: str, check: bool = True):
-        self.path = path
-        if not os.path.isfile(path):
+    def __init__(self, path: str, check: bool = True, source: str = None):
+        self.path = path            # what the file is called, in every message
+        self.source = source or path  # what is read: the Loader's /proc/self/fd link to the file it opened
+        if not os.path.isfile(self.source):
             raise ValueError(f'{path}: no such file')
-        problem = header_problem(path)
+        problem = header_problem(self.source)
         if problem:
             raise ValueError(f'{path}: {problem}')
         try:
-            self.reader = Reader(path, CUSTOM_FIELDS)
+            self.reader = Reader(self.source, CUSTOM_FIELDS)
         except (AssertionError, ValueError, OSError, IndexError, TypeError, KeyError, MemoryError) as e:
             raise ValueError(f'{path}: not a readable ffcv-dr .beton ({type(e).__name__}: {e})') from None
         handlers = self.reader.handlers
@@ -48,7 +49,7 @@ class BetonFile:
         table = self.reader.alloc_table
         order = np.argsort(table['ptr'], kind='stable')  # a structured sort takes 10x longer
         self._ptrs, self._sizes = table['ptr'][order], table['size'][order]
-        self._mmap = np.memmap(path, np.uint8, mode='r')
+        self._mmap = np.memmap(self.source, np.uint8, mode='r')
         if check:
             problems, _ = file_problems(self)
             if problems:

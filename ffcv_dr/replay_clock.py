@@ -102,7 +102,8 @@ class ReplayClock:
         self.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
         self.p = float(p)
         self._epoch = np.zeros(1, np.int64)   # read by compiled code by address
-        self.path, self._table, self._reported = None, None, 0
+        self.path = self.source = None  # the file's name, and what the decoders read
+        self._table, self._reported = None, 0
 
     def bind(self, beton):
         """Give the decoders the file's per-sample table (an opened
@@ -115,7 +116,7 @@ class ReplayClock:
         table[:, ORIG_H] = beton.image_meta['orig_height']
         table[:, ORIG_W] = beton.image_meta['orig_width']
         table[:, IMAGE_SIZE] = beton.image_block_sizes()
-        self.path, self._table = beton.path, table
+        self.path, self.source, self._table = beton.path, beton.source, table
 
     @property
     def table(self) -> tuple:

@@ -55,7 +55,7 @@ def file_problems(f) -> tuple:
                            f'({recipe} and {f.reader.handlers["target"].recipe})')], everything
     metadata_end = (f.reader.header.dtype.itemsize + f.reader.field_descriptors.nbytes
                     + n * f.reader.metadata.dtype.itemsize)
-    size = os.path.getsize(f.path)
+    size = os.path.getsize(f.source)
     if len(f.reader.metadata) != n or metadata_end > size:
         return [('counts', f'the header claims {n} samples, but the file holds '
                            f'{len(f.reader.metadata)} metadata rows')], everything

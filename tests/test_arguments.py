@@ -1,6 +1,7 @@
 """The Loader refuses, when built, every argument that used to end in a signal,
 a hang or wrong batches, naming the argument; an error in FFCV's pipeline
 thread reaches the training loop instead of leaving it waiting."""
+import os
 import subprocess
 import sys
 
@@ -108,3 +109,28 @@ def test_an_error_in_the_pipeline_thread_reaches_the_loop(randaug_beton):
                           text=True, timeout=300)  # before the fix: waits forever
     assert done.returncode == 0, done.stderr[-2000:]
     assert 'raised after 5 batches: a worker failed on sample 40' in done.stdout
+
+
+@pytest.mark.parametrize('os_cache', [True, False])
+def test_a_file_renamed_over_the_opened_one_changes_nothing(randaug_beton, mixing_beton, tmp_path,
+                                                             os_cache):
+    """The Loader reads the file it opened for its whole life (FFCV reopens it by
+    name): replacing it by rename, as ffcv-dr's own tools write files, changes
+    nothing, and no sample is reported damaged."""
+    import shutil
+    import warnings
+    path, pristine, other = tmp_path / 'data.beton', tmp_path / 'pristine.beton', tmp_path / 'other.beton'
+    for p in (path, pristine):
+        shutil.copy(randaug_beton, p)
+    shutil.copy(mixing_beton, other)
+    args = dict(batch_size=8, num_workers=1, seed=2, os_cache=os_cache, labels=True,
+                indices=np.arange(0, 500, 5), order=OrderOption.QUASI_RANDOM)
+    loader, reference = Loader(str(path), **args), Loader(str(pristine), **args)
+    os.replace(other, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # a damage warning fails the test
+        for _ in range(2):
+            for got, want in zip(loader, reference):
+                for a, b in zip(got, want):
+                    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert not len(loader.clock.damaged()) and loader.fname == str(path)

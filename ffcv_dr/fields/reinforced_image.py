@@ -106,7 +106,7 @@ class ReinforcedImageDecoder(Operation):
         fd = np.int32(-1)
         if recipe.mixing and not _reads_whole_file(self.memory_read):
             if self._fd is None:
-                self._fd = open_for_reads(self, self.clock.path)
+                self._fd = open_for_reads(self, self.clock.source)
             fd = np.int32(self._fd)
         if self.clock.p > 0 and not recipe.num_samples:
             raise ValueError(f'holds no reinforcements, so only fresh augmentations (p=0) can be '

@@ -1,6 +1,7 @@
 """Ready-made pipelines and the Loader for training from an ffcv-dr ``.beton``."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional, Sequence, Tuple
 
@@ -13,6 +14,7 @@ from ffcv.pipeline import PipelineSpec
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from ..beton import BetonFile
+from ..file_reads import open_for_reads
 from ..page_order import QuasiRandomPages
 from . import arguments
 from ..fields import (CUSTOM_FIELDS, ReinforcedImageDecoder, ReinforcementIndexDecoder,
@@ -108,7 +110,8 @@ class Loader(ffcv.loader.Loader):
                         std=std)
         device = arguments.device(device)
         self.clock = ReplayClock(seed, p)
-        beton = BetonFile(fname)  # refuses, naming the file, sample and field, a bad file
+        source = _hold(self, fname)
+        beton = BetonFile(fname, source=source)  # refuses, naming the file, sample and field, a bad file
         indices = arguments.indices(indices, len(beton), fname)
         arguments.check_epoch(_per_process(len(beton) if indices is None else len(indices), distributed),
                               batch_size, drop_last, fname)
@@ -121,13 +124,14 @@ class Loader(ffcv.loader.Loader):
         self.image_decoder = pipelines['image'][0]
         quasi_random = order == OrderOption.QUASI_RANDOM
         try:  # the decoders refuse, when compiled here, what this file cannot give
-            super().__init__(fname, batch_size, num_workers=num_workers, os_cache=os_cache,
+            super().__init__(source, batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=OrderOption.SEQUENTIAL if quasi_random else order,
                              distributed=distributed, seed=seed, indices=indices,
                              pipelines=pipelines, custom_fields=CUSTOM_FIELDS,
                              drop_last=drop_last, batches_ahead=batches_ahead)
         except ValueError as e:
             raise ValueError(f'{fname}: {e}') from None
+        self.fname = fname  # FFCV reads ``source``
         if quasi_random:  # FFCV's refuses distributed=True (and its class cannot be passed in)
             pages = beton.image_meta['data_ptr'] >> np.uint64(int(np.log2(self.reader.page_size)))
             self.traversal_order = QuasiRandomPages(self, pages)
@@ -148,6 +152,18 @@ class Loader(ffcv.loader.Loader):
         batch comes as fast as any other."""
         self.image_decoder.output_size = arguments.output_size(
             output_size, self.batch_size, self.batches_ahead + 2, self._bytes_per_pixel)
+
+
+def _hold(loader, fname: str) -> str:
+    """A path to the file ``fname`` names now, whatever is renamed over it
+    later: ``/proc/self/fd/N`` of a descriptor open for the loader's life.
+    FFCV reads the file by name: its Reader and memory map when built, its
+    process cache's page readers at every epoch; a file replaced by rename
+    mid-training would mix the old file's metadata with the new one's pages."""
+    if not os.path.isfile(fname):
+        return fname  # BetonFile says what is wrong
+    link = f'/proc/self/fd/{open_for_reads(loader, fname)}'
+    return link if os.path.exists(link) else fname
 
 
 def _per_process(count: int, distributed: bool) -> int:
