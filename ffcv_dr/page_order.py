@@ -17,8 +17,8 @@ rank here takes whole pages:
    next sample is drawn from a random page of the window.
 3. Every rank yields ceil(N / world_size) samples each epoch, as PyTorch's
    ``DistributedSampler`` (``drop_last=False``) makes it, so that ranks run
-   the same number of steps and ``len(loader)`` stays fixed. Whole pages make
-   shares differ by up to about a page's samples: a shorter share is padded
+   the same number of steps and ``len(loader)`` stays fixed. Whole pages put
+   each share within about a page's samples of that: a shorter share is padded
    by repeating its last samples (whose pages are still in memory then), and
    a longer one drops its last samples for that epoch. At ImageNet's scale
    (about 70 samples a page, 160,000 a rank on 8 GPUs) that is a few dozen

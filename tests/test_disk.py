@@ -93,7 +93,7 @@ def test_shares_are_disjoint_whole_pages_covering_the_epoch(randaug_beton):
             assert all(not (owned[a] & owned[b]) for a in range(world) for b in range(a + 1, world))
             sizes = [len(t) for t in taken]
             biggest_page = np.bincount(pages).max()
-            assert max(sizes) - min(sizes) <= biggest_page
+            assert max(sizes) - min(sizes) <= 2 * biggest_page  # each within a page of N / world
 
 
 TORCHRUN_RANK = """
