@@ -438,9 +438,3 @@ def train(cfg: dict, resume: bool = False) -> dict:
     if resume:
         trainer.resume()
     return trainer.fit()
-
-
-if __name__ == '__main__':
-    import sys
-    from .cli import main
-    sys.exit(main(['train', *sys.argv[1:]]))
