@@ -221,11 +221,7 @@ def _job_options(p):
     p.add_argument('--workers', type=int, default=None, help='render threads / writer processes')
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='ffcv-dr', description=(
-        'Train on reinforced datasets (Dataset Reinforcement) with FFCV.'))
-    sub = parser.add_subparsers(dest='command', required=True)
-
+def _convert_parser(sub):
     p = sub.add_parser('convert', help='convert an ImageFolder plus ml-dr reinforcements to a .beton',
                        description='Convert an ImageFolder and apple/ml-dr reinforcements (a '
                        'reinforced_data directory or its .tar/.tar.gz archive, read as a stream) '
@@ -242,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    'folders, else the number of folders)')
     p.set_defaults(run=_convert)
 
+
+def _replay_parser(sub):
     p = sub.add_parser('replay', help='render stored reinforcements exactly as the loader does',
                        description='Render reinforcement K of image I as the loader produces it '
                        '(the whole recipe: crop, flip, RandAugment, erasing, mixing; before normalisation) '
@@ -255,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--size', type=int, default=None, help='output side (default: the recipe\'s)')
     p.set_defaults(run=_replay)
 
+
+def _info_parser(sub):
     p = sub.add_parser('info', help='counts and storage breakdown of a .beton',
                        description='Print counts (images, classes, reinforcements, top-k), fields '
                        'and the bytes taken by JPEGs, parameters and probabilities.')
@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--json', action='store_true', help='one JSON object instead of a table')
     p.set_defaults(run=_info)
 
+
+def _quickstart_parser(sub):
     p = sub.add_parser('quickstart', help='convert, load one epoch, print images/s',
                        description='Convert an ImageFolder plus ml-dr reinforcements, load one '
                        'epoch with the ffcv-dr Loader and print the throughput.')
@@ -272,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=int, default=64)
     p.set_defaults(run=_quickstart)
 
+
+def _reinforce_parser(sub):
     p = sub.add_parser('reinforce', help='make a reinforced .beton with a teacher (timm or bundled)',
                        description='Sample N augmentations per image, render them with the '
                        'loader\'s own kernels, keep the teacher\'s top-k probabilities and write '
@@ -306,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='leave out unreadable images (each is reported) instead of stopping')
     p.set_defaults(run=_reinforce)
 
+
+def _relabel_parser(sub):
     p = sub.add_parser('relabel', help="replace or add a teacher: new top-k for a .beton's stored reinforcements",
                        description='Render every stored reinforcement of IN (MixUp/CutMix partner '
                        "included) with the loader's own kernels, run the teacher(s) and write OUT with "
@@ -328,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     _job_options(p)
     p.set_defaults(run=_relabel)
 
+
+def _train_parser(sub):
     p = sub.add_parser('train', help='train a student (timm or bundled) on a .beton (erm, dr or kd)',
                        description='Train a timm (or bundled) model from an ffcv-dr .beton: ground-truth '
                        'labels (erm), the stored soft targets (dr) or an online teacher (kd). '
@@ -338,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--resume', action='store_true', help='continue from OUTPUT/checkpoint.pt')
     p.set_defaults(run=_train)
 
+
+def _verify_parser(sub):
     p = sub.add_parser('verify', help='check every record of a .beton; exit 1 if anything is wrong',
                        description='Check every image of a .beton: checksums of JPEGs, records '
                        'and metadata, record bounds, top-k probabilities, labels and that each '
@@ -346,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--workers', type=int, default=None, help='threads (default: all cores)')
     p.set_defaults(run=_verify)
 
+
+def _inspect_parser(sub):
     p = sub.add_parser('inspect', help='draw a grid of replayed reinforcements with teacher labels',
                        description='Render reinforcements of chosen (or random) images as the '
                        'loader does, each titled with the teacher\'s top-3 classes.')
@@ -357,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0)
     p.set_defaults(run=_inspect)
 
+
+def _demo_parser(sub):
     p = sub.add_parser('demo', help='reinforce scikit-image photos with EfficientNet-Lite0, load, draw',
                        description='The whole chain with no data of yours: photos shipped in '
                        'scikit-image become a reinforced .beton (bundled EfficientNet-Lite0 teacher), '
@@ -367,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--workers', type=int, default=None)
     p.set_defaults(run=_demo)
 
+
+def _bench_parser(sub):
     p = sub.add_parser('bench', help='loader and conversion throughput against FFCV and ml-dr',
                        description='Measure, in one run on the images of DATA.beton (original JPEG '
                        'bytes), plain FFCV on ImageNet as ffcv-imagenet writes it (B_imagenet), on '
@@ -385,6 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--sizes', type=int, nargs='+', default=[176, 224], help='output sides')
     p.add_argument('--repeats', type=int, default=3, help='timed runs of A, D and each conversion')
     p.set_defaults(run=_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='ffcv-dr', description=(
+        'Train on reinforced datasets (Dataset Reinforcement) with FFCV.'))
+    sub = parser.add_subparsers(dest='command', required=True)
+    for add in (_convert_parser, _replay_parser, _info_parser, _quickstart_parser, _reinforce_parser,
+                _relabel_parser, _train_parser, _verify_parser, _inspect_parser, _demo_parser,
+                _bench_parser):
+        add(sub)
     return parser
 
 
