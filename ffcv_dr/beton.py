@@ -8,6 +8,7 @@ import os
 import numpy as np
 from ffcv.reader import Reader
 
+from .jobs import file_kind
 from .fields import CUSTOM_FIELDS, ReinforcedImageField, SoftTargetField
 from .render import (fresh_settings, pair_index, render, render_layout,
                                      temp_size)
@@ -26,7 +27,7 @@ class BetonFile:
         self.path = path            # what the file is called, in every message
         self.source = source or path  # what is read: the Loader's /proc/self/fd link to the file it opened
         if not os.path.isfile(self.source):
-            raise ValueError(f'{path}: no such file')
+            raise ValueError(f'{path}: {_not_a_file(self.source)}')
         problem = header_problem(self.source)
         if problem:
             raise ValueError(f'{path}: {problem}')
@@ -163,3 +164,11 @@ def _describe_view(rec, prefix, recipe) -> dict:
     if recipe.erase:
         out['erase'] = [int(v) for v in rec[prefix + 'erase']] if flags & HAS_ERASE else None
     return out
+
+
+def _not_a_file(path: str) -> str:
+    """What ``path`` is, when it is not a regular file."""
+    try:
+        return f'{file_kind(os.stat(path).st_mode)}, not a .beton file'
+    except OSError:
+        return 'no such file'

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -182,6 +183,40 @@ def _bench(args):
         rounds=args.rounds, epoch_images=args.epoch_images, sizes=args.sizes, repeats=args.repeats)
 
 
+
+def _int(low: int, high: int = None):
+    """An argparse type: an integer from ``low`` to ``high``. A value out of
+    range is refused; none silently means the default."""
+    def integer(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f'{value} is outside {low}..{high}' if high is not None
+                                             else f'{value}: must be at least {low}')
+        return value
+    return integer
+
+
+def _real(low: float, high: float = math.inf, above_low: bool = False):
+    """An argparse type: a finite number from ``low`` (or above it) to ``high``."""
+    def number(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+        if not math.isfinite(value) or value > high or value < low or (above_low and value == low):
+            bounds = f'{"above " if above_low else ""}{low}' + ('' if high == math.inf else f' to {high}')
+            raise argparse.ArgumentTypeError(f'{text}: must be {bounds}')
+        return value
+    return number
+
+
+PROBABILITY = _real(0.0, 1.0)
+POSITIVE = _real(0.0, above_low=True)
+
+
 def _storage_options(p):
     g = p.add_argument_group('image storage', "FFCV RGBImageField's choices, with FFCV's meaning; "
                              'ffcv-imagenet writes ImageNet with --write-mode proportion '
@@ -191,12 +226,12 @@ def _storage_options(p):
                    help='original (default): keep each JPEG\'s bytes, re-encode only what must be; '
                    'jpg: re-encode all; raw: store pixels; proportion: jpg with probability '
                    '--compress-probability, else raw; smart: raw unless larger than --smart-threshold')
-    g.add_argument('--max-resolution', type=int, default=None,
+    g.add_argument('--max-resolution', type=_int(1), default=None,
                    help='shrink images whose longer side exceeds this (INTER_AREA, as FFCV)')
-    g.add_argument('--compress-probability', type=float, default=0.5,
+    g.add_argument('--compress-probability', type=PROBABILITY, default=0.5,
                    help='proportion mode: share of images stored as JPEG')
-    g.add_argument('--jpeg-quality', type=int, default=90, help='quality of re-encoded JPEGs')
-    g.add_argument('--smart-threshold', type=int, default=None,
+    g.add_argument('--jpeg-quality', type=_int(1, 100), default=90, help='quality of re-encoded JPEGs')
+    g.add_argument('--smart-threshold', type=_int(0), default=None,
                    help='smart mode: images of more pixel bytes than this are stored as JPEG')
 
 
@@ -206,19 +241,19 @@ def _teacher_options(p):
     p.add_argument('--checkpoint', action='append',
                    help='local checkpoint per teacher, in order (e.g. ffcv-dr train\'s checkpoint.pt)')
     p.add_argument('--no-pretrained', action='store_true', help='teachers without pretrained weights')
-    p.add_argument('--teacher-size', type=int, default=None,
+    p.add_argument('--teacher-size', type=_int(1), default=None,
                    help="side the teachers see (default: their pretrained config's; e.g. 96 for a "
                    "teacher fine-tuned on CIFAR at 96 px)")
 
 
 def _job_options(p):
     """What a resumable teacher job (reinforce, relabel) takes."""
-    p.add_argument('--batch-size', type=int, default=64, help='teacher batch')
+    p.add_argument('--batch-size', type=_int(1), default=64, help='teacher batch')
     p.add_argument('--device', default='cpu', help='cpu or cuda (cuda:LOCAL_RANK under torchrun)')
-    p.add_argument('--chunk', type=int, default=64, help='images per resumable chunk')
+    p.add_argument('--chunk', type=_int(1), default=64, help='images per resumable chunk')
     p.add_argument('--restart', action='store_true',
                    help='throw away the finished chunks of a different earlier run instead of refusing')
-    p.add_argument('--workers', type=int, default=None, help='render threads / writer processes')
+    p.add_argument('--workers', type=_int(1), default=None, help='render threads / writer processes')
 
 
 def _convert_parser(sub):
@@ -229,11 +264,11 @@ def _convert_parser(sub):
     p.add_argument('images', help='ImageFolder root (class folders of images)')
     p.add_argument('output', help='the .beton to write (written only when complete)')
     p.add_argument('--mldr', required=True, help='reinforced_data directory or .tar/.tar.gz archive')
-    p.add_argument('--workers', type=int, default=None, help='parallel processes (default: all cores)')
+    p.add_argument('--workers', type=_int(1), default=None, help='parallel processes (default: all cores)')
     _storage_options(p)
     p.add_argument('--skip-bad', action='store_true',
                    help='leave out unreadable images (each is reported) instead of stopping')
-    p.add_argument('--num-classes', type=int, default=None,
+    p.add_argument('--num-classes', type=_int(1), default=None,
                    help='size of the teacher\'s class space (default: 1000 for ImageNet synset '
                    'folders, else the number of folders)')
     p.set_defaults(run=_convert)
@@ -247,10 +282,10 @@ def _replay_parser(sub):
                        'and teacher top-k. Repeat --index/--sample as pairs; with '
                        'several pairs --out is a folder receiving {I}_{K}.png.')
     p.add_argument('beton')
-    p.add_argument('--index', type=int, action='append', required=True)
-    p.add_argument('--sample', type=int, action='append', required=True)
+    p.add_argument('--index', type=_int(0), action='append', required=True)
+    p.add_argument('--sample', type=_int(0), action='append', required=True)
     p.add_argument('--out', required=True, help='PNG file, or folder for several pairs')
-    p.add_argument('--size', type=int, default=None, help='output side (default: the recipe\'s)')
+    p.add_argument('--size', type=_int(1), default=None, help='output side (default: the recipe\'s)')
     p.set_defaults(run=_replay)
 
 
@@ -270,8 +305,8 @@ def _quickstart_parser(sub):
     p.add_argument('images')
     p.add_argument('mldr')
     p.add_argument('output')
-    p.add_argument('--workers', type=int, default=None)
-    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--workers', type=_int(1), default=None)
+    p.add_argument('--batch-size', type=_int(1), default=64)
     p.set_defaults(run=_quickstart)
 
 
@@ -284,26 +319,26 @@ def _reinforce_parser(sub):
     p.add_argument('images', help='ImageFolder root (class folders of images)')
     p.add_argument('output', help='the .beton to write (written only when complete)')
     _teacher_options(p)
-    p.add_argument('--samples', type=int, default=8,
+    p.add_argument('--samples', type=_int(0), default=8,
                    help='reinforcements per image; 0 writes the images and the recipe only, '
                    'without a teacher, for training with fresh augmentations (train.mode=erm)')
-    p.add_argument('--topk', type=int, default=10)
+    p.add_argument('--topk', type=_int(1), default=10)
     p.add_argument('--recipe', default='rrc+ra+re', choices=RECIPES,
                    help='RandomResizedCrop+flip, + RandAugment and RandomErasing, + MixUp/CutMix')
-    p.add_argument('--size', type=int, default=224, help='output side')
-    p.add_argument('--scale', type=float, nargs=2, default=DEFAULT_SCALE, help='RandomResizedCrop scale')
-    p.add_argument('--ratio', type=float, nargs=2, default=DEFAULT_RATIO, help='RandomResizedCrop ratio')
-    p.add_argument('--ra-ops', type=int, default=DEFAULT_RA_OPS, help='RandAugment ops per image')
-    p.add_argument('--ra-magnitude', type=int, default=DEFAULT_RA_MAGNITUDE,
+    p.add_argument('--size', type=_int(1), default=224, help='output side')
+    p.add_argument('--scale', type=POSITIVE, nargs=2, default=DEFAULT_SCALE, help='RandomResizedCrop scale')
+    p.add_argument('--ratio', type=POSITIVE, nargs=2, default=DEFAULT_RATIO, help='RandomResizedCrop ratio')
+    p.add_argument('--ra-ops', type=_int(0), default=DEFAULT_RA_OPS, help='RandAugment ops per image')
+    p.add_argument('--ra-magnitude', type=_int(0, 30), default=DEFAULT_RA_MAGNITUDE,
                    help='RandAugment magnitude bin (of 31)')
-    p.add_argument('--erase-p', type=float, default=DEFAULT_ERASE_P, help='RandomErasing probability')
-    p.add_argument('--mixup-p', type=float, default=DEFAULT_MIXUP[0], help='MixUp probability (+mix recipes)')
-    p.add_argument('--mixup-alpha', type=float, default=DEFAULT_MIXUP[1], help='MixUp Beta(alpha, alpha)')
-    p.add_argument('--mixup-div', type=float, default=DEFAULT_MIXUP[2],
+    p.add_argument('--erase-p', type=PROBABILITY, default=DEFAULT_ERASE_P, help='RandomErasing probability')
+    p.add_argument('--mixup-p', type=PROBABILITY, default=DEFAULT_MIXUP[0], help='MixUp probability (+mix recipes)')
+    p.add_argument('--mixup-alpha', type=POSITIVE, default=DEFAULT_MIXUP[1], help='MixUp Beta(alpha, alpha)')
+    p.add_argument('--mixup-div', type=POSITIVE, default=DEFAULT_MIXUP[2],
                    help="MixUp's lam is divided by this (ml-dr's div_by)")
-    p.add_argument('--cutmix-p', type=float, default=DEFAULT_CUTMIX[0], help='CutMix probability (+mix recipes)')
-    p.add_argument('--cutmix-alpha', type=float, default=DEFAULT_CUTMIX[1], help='CutMix Beta(alpha, alpha)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--cutmix-p', type=PROBABILITY, default=DEFAULT_CUTMIX[0], help='CutMix probability (+mix recipes)')
+    p.add_argument('--cutmix-alpha', type=POSITIVE, default=DEFAULT_CUTMIX[1], help='CutMix Beta(alpha, alpha)')
+    p.add_argument('--seed', type=_int(0), default=0)
     _job_options(p)
     _storage_options(p)
     p.add_argument('--skip-bad', action='store_true',
@@ -323,10 +358,10 @@ def _relabel_parser(sub):
     p.add_argument('input', help='the ffcv-dr .beton to relabel')
     p.add_argument('output', help='the .beton to write (written only when complete)')
     _teacher_options(p)
-    p.add_argument('--topk', type=int, default=None, help="probabilities kept (default: IN's top-k)")
+    p.add_argument('--topk', type=_int(1), default=None, help="probabilities kept (default: IN's top-k)")
     p.add_argument('--combine', default='replace', choices=['replace', 'mean'],
                    help='replace the stored labels (default), or average with them (needs --weight)')
-    p.add_argument('--weight', type=float, default=None,
+    p.add_argument('--weight', type=_real(0.0, 1.0, above_low=True), default=None,
                    help="--combine mean: the new teacher's share W in (0, 1]; the stored labels keep 1-W")
     p.add_argument('--densify', default='smooth', choices=['smooth', 'zeros'],
                    help="--combine mean: how the stored top-k become a distribution, as the loader's "
@@ -353,7 +388,7 @@ def _verify_parser(sub):
                        'and metadata, record bounds, top-k probabilities, labels and that each '
                        'JPEG decodes. Prints a summary; exits 1 when something is wrong.')
     p.add_argument('beton')
-    p.add_argument('--workers', type=int, default=None, help='threads (default: all cores)')
+    p.add_argument('--workers', type=_int(1), default=None, help='threads (default: all cores)')
     p.set_defaults(run=_verify)
 
 
@@ -363,10 +398,10 @@ def _inspect_parser(sub):
                        'loader does, each titled with the teacher\'s top-3 classes.')
     p.add_argument('beton')
     p.add_argument('--out', required=True, help='PNG to write')
-    p.add_argument('--index', type=int, action='append', help='image index (repeat); default: random')
-    p.add_argument('--samples', type=int, default=4, help='reinforcements per image')
-    p.add_argument('--rows', type=int, default=6, help='random images when --index is not given')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--index', type=_int(0), action='append', help='image index (repeat); default: random')
+    p.add_argument('--samples', type=_int(1), default=4, help='reinforcements per image')
+    p.add_argument('--rows', type=_int(1), default=6, help='random images when --index is not given')
+    p.add_argument('--seed', type=_int(0), default=0)
     p.set_defaults(run=_inspect)
 
 
@@ -377,8 +412,8 @@ def _demo_parser(sub):
                        'one loader run is timed and a grid of replays with the teacher\'s top-3 '
                        'ImageNet classes is drawn.')
     p.add_argument('--out', default='out/demo', help='folder for the images, .beton and grid.png')
-    p.add_argument('--samples', type=int, default=8, help='reinforcements per photo')
-    p.add_argument('--workers', type=int, default=None)
+    p.add_argument('--samples', type=_int(1), default=8, help='reinforcements per photo')
+    p.add_argument('--workers', type=_int(1), default=None)
     p.set_defaults(run=_demo)
 
 
@@ -393,13 +428,13 @@ def _bench_parser(sub):
                        'the ratios at each size.')
     p.add_argument('beton')
     p.add_argument('--out', default='out/bench', help='folder for bench.json and bench.png')
-    p.add_argument('--workers', type=int, default=None, help='threads / worker processes (default: all cores)')
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--rounds', type=int, default=3, help='timed epochs of each loader, interleaved')
-    p.add_argument('--epoch-images', type=int, default=4096,
+    p.add_argument('--workers', type=_int(1), default=None, help='threads / worker processes (default: all cores)')
+    p.add_argument('--batch-size', type=_int(1), default=64)
+    p.add_argument('--rounds', type=_int(1), default=3, help='timed epochs of each loader, interleaved')
+    p.add_argument('--epoch-images', type=_int(1), default=4096,
                    help='images per epoch at least (the file\'s indices repeated)')
-    p.add_argument('--sizes', type=int, nargs='+', default=[176, 224], help='output sides')
-    p.add_argument('--repeats', type=int, default=3, help='timed runs of A, D and each conversion')
+    p.add_argument('--sizes', type=_int(1), nargs='+', default=[176, 224], help='output sides')
+    p.add_argument('--repeats', type=_int(1), default=3, help='timed runs of A, D and each conversion')
     p.set_defaults(run=_bench)
 
 

@@ -36,11 +36,15 @@ def regular_file(path: str, missing_ok: bool = False) -> str:
             return path
         raise JobError(f'{path}: unreadable ({e.strerror})') from None
     if not stat.S_ISREG(mode):
-        kind = ('a FIFO' if stat.S_ISFIFO(mode) else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else 'a socket' if stat.S_ISSOCK(mode) else 'a directory' if stat.S_ISDIR(mode)
-                else 'not a regular file')
-        raise JobError(f'{path}: {kind}, not a regular file')
+        raise JobError(f'{path}: {file_kind(mode)}, not a regular file')
     return path
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is (``mode``: its ``st_mode``)."""
+    return ('a FIFO' if stat.S_ISFIFO(mode) else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else 'a socket' if stat.S_ISSOCK(mode) else 'a directory' if stat.S_ISDIR(mode)
+            else 'not a regular file')
 
 
 def check_output(output: str, inputs) -> None:

@@ -134,3 +134,43 @@ def test_a_file_renamed_over_the_opened_one_changes_nothing(randaug_beton, mixin
                 for a, b in zip(got, want):
                     np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert not len(loader.clock.damaged()) and loader.fname == str(path)
+
+
+CLI = [
+    (['relabel', 'in.beton', 'out.beton', '--chunk', '0'], 'argument --chunk: 0: must be at least 1'),
+    (['relabel', 'in.beton', 'out.beton', '--batch-size', '0'], 'argument --batch-size: 0: must be at least 1'),
+    (['relabel', 'in.beton', 'out.beton', '--topk', '0'], 'argument --topk: 0: must be at least 1'),
+    (['relabel', 'in.beton', 'out.beton', '--teacher-size', '0'], 'argument --teacher-size: 0'),
+    (['relabel', 'in.beton', 'out.beton', '--weight', '0'], 'argument --weight: 0: must be above 0.0'),
+    (['replay', 'in.beton', '--index', '0', '--sample', '0', '--out', 'x.png', '--size', '0'],
+     'argument --size: 0: must be at least 1'),
+    (['replay', 'in.beton', '--index', '-1', '--sample', '0', '--out', 'x.png'], 'argument --index: -1'),
+    (['reinforce', 'images', 'out.beton', '--erase-p', 'nan'], 'argument --erase-p: nan: must be 0.0 to 1.0'),
+    (['reinforce', 'images', 'out.beton', '--ra-magnitude', '31'], 'argument --ra-magnitude: 31 is outside 0..30'),
+    (['reinforce', 'images', 'out.beton', '--mixup-alpha', '-1'], 'argument --mixup-alpha: -1: must be above 0.0'),
+    (['reinforce', 'images', 'out.beton', '--samples', 'many'], "argument --samples: 'many' is not an integer"),
+    (['convert', 'images', 'out.beton', '--mldr', 'm', '--jpeg-quality', '101'], 'is outside 1..100'),
+    (['convert', 'images', 'out.beton', '--mldr', 'm', '--workers', '0'], 'argument --workers: 0'),
+    (['inspect', 'in.beton', '--out', 'g.png', '--samples', '0'], 'argument --samples: 0: must be at least 1'),
+]
+
+
+@pytest.mark.parametrize('argv, message', CLI, ids=[' '.join(a[:1] + a[-2:]) for a, _ in CLI])
+def test_cli_numbers_are_range_checked(argv, message, capsys, tmp_path, monkeypatch):
+    """0 or a value out of range is refused before any work; it never means the default."""
+    from ffcv_dr.cli import main
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not os.listdir(tmp_path)  # nothing written, no .parts folder
+
+
+def test_info_names_what_a_path_is_when_not_a_file(tmp_path, capsys):
+    from ffcv_dr.cli import main
+    fifo = tmp_path / 'fifo.beton'
+    os.mkfifo(fifo)
+    for path, kind in ((tmp_path, 'a directory'), ('/dev/null', 'a device'), (fifo, 'a FIFO'),
+                       (tmp_path / 'missing.beton', 'no such file')):
+        assert main(['info', str(path)]) != 0
+        assert f'{path}: {kind}' in capsys.readouterr().err
