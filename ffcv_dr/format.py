@@ -289,6 +289,8 @@ def teachers_to_binary(teachers, binary) -> None:
     arr = np.zeros((), TEACHERS_DTYPE)
     arr['count'] = len(teachers)
     for row, t in zip(arr['entries'], teachers):
+        if not t.name.isprintable():
+            raise ValueError(f'teacher name {t.name!r}: holds control characters')
         row['name'] = t.name.encode()[:TEACHER_DTYPE['name'].itemsize].decode(errors='ignore').encode()
         row['sha256'] = np.frombuffer(bytes.fromhex(t.sha256), np.uint8) if t.sha256 else 0
         row['weight'] = t.weight
@@ -317,7 +319,8 @@ def teachers_from_binary(binary):
             name = bytes(row['name']).decode()
         except UnicodeDecodeError:
             name = None
-        if name is None or not 0 < weight <= 1 or (not name and row['sha256'].any()):
+        if (name is None or not name.isprintable() or not 0 < weight <= 1
+                or (not name and row['sha256'].any())):  # a control character would reach terminals
             raise ValueError('the record of teachers in the target field holds a bad entry: '
                              'the file is damaged')
         entries.append(TeacherEntry(name, row['sha256'].tobytes().hex() if name else '', weight))

@@ -174,3 +174,28 @@ def test_info_names_what_a_path_is_when_not_a_file(tmp_path, capsys):
                        (tmp_path / 'missing.beton', 'no such file')):
         assert main(['info', str(path)]) != 0
         assert f'{path}: {kind}' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('name, refused', [(b'lite0@224', False), (b'lite0\x1b[31m@224', True),
+                                           (b'lite0\n@224', True), (b'\rlite0', True)])
+def test_teacher_names_with_control_characters_are_damage(randaug_beton, tmp_path, name, refused):
+    """A record (CRC32 intact) naming a teacher with control characters, which
+    would reach terminals through info and relabel, is a damaged record."""
+    import shutil
+    from fuzz import arguments_offset
+    from ffcv_dr.format import TEACHERS_AT, TEACHERS_DTYPE, _teachers_crc
+    path = str(tmp_path / 'named.beton')
+    shutil.copy(randaug_beton, path)
+    record = np.zeros((), TEACHERS_DTYPE)
+    record['count'] = 1
+    record['entries'][0]['name'] = name
+    record['entries'][0]['weight'] = 1
+    record['crc32'] = _teachers_crc(record)
+    with open(path, 'r+b') as f:
+        f.seek(arguments_offset(path, 'target') + TEACHERS_AT)
+        f.write(record.tobytes())
+    if refused:
+        with pytest.raises(ValueError, match='record of teachers .* holds a bad entry'):
+            BetonFile(path)
+    else:
+        assert [t.name for t in BetonFile(path).teachers] == [name.decode()]
