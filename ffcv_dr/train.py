@@ -21,7 +21,6 @@ folder. Settings: :data:`DEFAULTS`, overridden by the YAML file, then by
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -45,59 +44,8 @@ from .beton import BetonFile
 from .intake import list_images
 from .models import create
 from .pipelines import Loader
+from .train_settings import DEFAULTS, MODES, ORDERS, load_config  # noqa: F401 -- the API
 
-ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
-DEFAULTS = {
-    'data': {
-        'train': None,             # the ffcv-dr .beton
-        'val': None,               # a plain FFCV .beton or an ImageFolder (optional)
-        'workers': os.cpu_count(),
-        'batch_size': 256,         # per process
-        'image_size': None,        # training side; default: the recipe's
-        'val_crop_ratio': 0.875,   # centre crop of the validation images (1.0: whole image)
-        'p': 1.0,                  # dr: probability of a stored reinforcement (ml-dr: 0.99)
-        'os_cache': True,          # False: a file bigger than memory, read page by page
-        'order': 'random',         # random | quasi_random (reads a file without os_cache page by page)
-        'seed': 0,
-    },
-    'model': {
-        'arch': 'resnet50',        # a timm name, or bundled:efficientnet_lite0
-        'pretrained': False,       # start from published weights (timm: the hub; bundled: the package)
-        'input_size': None,        # side the network sees, images resized on the device (default: the data's)
-        'drop_path': 0.0,
-    },
-    'train': {
-        'mode': 'dr',              # erm | dr | kd
-        'epochs': 16,
-        'optimizer': 'sgd',        # sgd | adamw
-        'lr': 0.5,                 # for a global batch of 256, scaled linearly
-        'momentum': 0.9,
-        'weight_decay': 5e-5,
-        'schedule': 'cosine',      # cosine | step
-        'warmup_epochs': 1,
-        'step_epochs': [],         # step: decay by step_gamma at these epochs
-        'step_gamma': 0.1,
-        'label_smoothing': 0.1,    # erm only
-        'amp': True,               # float16 on a GPU, bfloat16 on the CPU
-        'channels_last': True,
-        'ema_decay': 0.0,          # 0: no EMA
-        'eval_every': 1,           # evaluate every n-th epoch (and always after the last)
-        'teacher': 'bundled:efficientnet_lite0',   # kd only
-        'teacher_checkpoints': [],
-        'teacher_pretrained': True,
-        'teacher_size': None,      # side the teacher sees (default: its pretrained config's)
-    },
-    'resolution': {                # ffcv-imagenet's progressive resizing (off while min_res is None):
-        'min_res': None,           # the side until start_ramp,
-        'max_res': None,           # from end_ramp on,
-        'start_ramp': 0,           # and in between a linear ramp, in steps of 32 px (epochs)
-        'end_ramp': 0,
-        'val_res': None,           # validation side (default: the training side, its largest)
-    },
-    'output': {'folder': 'out/train'},
-    'device': None,                # default: cuda when available (cuda:LOCAL_RANK under torchrun)
-}
-MODES = ('erm', 'dr', 'kd')
 ECE_BINS = 15
 
 
@@ -111,41 +59,6 @@ def resolution(epoch: int, min_res: int, max_res: int, start_ramp: int, end_ramp
     if epoch >= end_ramp:
         return max_res
     return int(np.round(np.interp(epoch, [start_ramp, end_ramp], [min_res, max_res]) / 32)) * 32
-
-
-def load_config(path: str = None, overrides=()) -> dict:
-    """DEFAULTS, then the YAML file, then ``section.key=value`` overrides
-    (values parsed as YAML); unknown keys are errors."""
-    cfg = copy.deepcopy(DEFAULTS)
-    items = []
-    if path:
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        items += [(k, v) for k, v in loaded.items()]
-    for item in overrides:
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise ValueError(f'--set {item!r}: expected section.key=value')
-        section, _, name = key.partition('.')
-        items.append((section, {name: yaml.safe_load(value)} if name else yaml.safe_load(value)))
-    for section, value in items:
-        if section not in cfg:
-            raise ValueError(f'unknown setting {section!r} (known: {", ".join(cfg)})')
-        if isinstance(cfg[section], dict):
-            unknown = set(value) - set(cfg[section])
-            if unknown:
-                raise ValueError(f'unknown setting {section}.{sorted(unknown)[0]} '
-                                 f'(known: {", ".join(cfg[section])})')
-            cfg[section].update(value)
-        else:
-            cfg[section] = value
-    if cfg['train']['mode'] not in MODES:
-        raise ValueError(f"train.mode must be one of {', '.join(MODES)}, got {cfg['train']['mode']!r}")
-    if cfg['data']['order'] not in ORDERS:
-        raise ValueError(f"data.order must be one of {', '.join(ORDERS)}, got {cfg['data']['order']!r}")
-    if not cfg['data']['train']:
-        raise ValueError('data.train: no training .beton given')
-    return cfg
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg_train: dict) -> float:
@@ -286,10 +199,8 @@ class Trainer:
                   {'params': no_decay, 'weight_decay': 0.0}]
         if t['optimizer'] == 'sgd':
             self.opt = torch.optim.SGD(groups, lr=lr, momentum=t['momentum'])
-        elif t['optimizer'] == 'adamw':
+        else:  # adamw: the settings allow no other
             self.opt = torch.optim.AdamW(groups, lr=lr)
-        else:
-            raise ValueError(f"train.optimizer must be sgd or adamw, got {t['optimizer']!r}")
         self.base_lr = lr
         cuda = self.device.type == 'cuda'
         self.amp_dtype = (torch.float16 if cuda else torch.bfloat16) if t['amp'] else None

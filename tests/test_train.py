@@ -2,6 +2,7 @@
 continues exactly where the interrupted one stopped."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,12 +74,48 @@ def test_training_follows_the_resolution_ramp(mixing_beton, small_images, tmp_pa
     assert [r['resolution'] for r in read_log(str(tmp_path))] == [32, 64, 96]
 
 
+BAD_SETTINGS = [
+    (['data.batch_size=abc'], "data.batch_size='abc': must be an integer of at least 1"),
+    (['data=5'], 'data: must be a mapping of settings'),
+    (['resolution.min_res=0', 'resolution.max_res=64'], 'resolution.min_res=0: must be an integer of at least 32'),
+    (['resolution.max_res=64'], 'resolution.min_res and resolution.max_res: give both'),
+    (['train.epochs=-1'], 'train.epochs=-1: must be an integer of at least 1'),
+    (['train.lr=.nan'], 'train.lr=nan: must be a number above 0'),
+    (['train.label_smoothing=5'], 'train.label_smoothing=5: must be a number at least 0 and below 1'),
+    (['train.ema_decay=2'], 'train.ema_decay=2: must be a number at least 0 and below 1'),
+    (['train.eval_every=0'], 'train.eval_every=0: must be an integer of at least 1'),
+    (['train.schedule=linear'], "train.schedule='linear': must be one of cosine, step"),
+    (['train.optimizer=lamb'], "train.optimizer='lamb': must be one of sgd, adamw"),
+    (['data.os_cache=maybe'], "data.os_cache='maybe': must be true or false"),
+    (['data.val=[1'], 'not valid YAML (line 1, column 3)'),
+    (['data.val=!!python/object:os.system x'], 'could not determine a constructor'),
+]
+
+
+@pytest.mark.parametrize('overrides, message', BAD_SETTINGS, ids=[o[0] for o, _ in BAD_SETTINGS])
+def test_bad_settings_are_one_line_naming_the_setting(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, ['data.train=x', *overrides])
+
+
+@pytest.mark.parametrize('text, message', [
+    ('- a\n- b\n', 'must be a mapping of sections'),
+    ('data:\n\ttrain: x\n', "not valid YAML (line 2, column 1): found character '\\t'"),
+    ('data:\n  train: !!python/object/apply:os.system ["true"]\n', 'could not determine a constructor'),
+])
+def test_a_bad_yaml_file_is_one_line(tmp_path, text, message):
+    path = tmp_path / 'bad.yaml'
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f'{path}: ') + '.*' + re.escape(message)):
+        load_config(str(path))
+
+
 def test_unknown_settings_are_refused():
     with pytest.raises(ValueError, match='unknown setting train.epoch'):
         load_config(None, ['data.train=x', 'train.epoch=3'])
-    with pytest.raises(ValueError, match='train.mode must be one of erm, dr, kd'):
+    with pytest.raises(ValueError, match="train.mode='distill': must be one of erm, dr, kd"):
         load_config(None, ['data.train=x', 'train.mode=distill'])
-    with pytest.raises(ValueError, match='data.order must be one of random, quasi_random'):
+    with pytest.raises(ValueError, match="data.order='sequential': must be one of random, quasi_random"):
         load_config(None, ['data.train=x', 'data.order=sequential'])
 
 
