@@ -21,6 +21,7 @@ folder. Settings: :data:`DEFAULTS`, overridden by the YAML file, then by
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from tqdm import tqdm
 
 from .beton import BetonFile
 from .intake import list_images
+from .jobs import digest, images_digest
 from .models import create
 from .pipelines import Loader
 from .train_settings import DEFAULTS, MODES, ORDERS, load_config  # noqa: F401 -- the API
@@ -124,16 +126,23 @@ class _Folder:
 
 
 def val_beton(val: str, folder: str, workers: int, rank: int) -> str:
-    """``val`` itself when it is a file, else the ImageFolder written once into
-    ``folder/val.beton`` (small images raw, larger ones as JPEG quality 95)."""
+    """``val`` itself when it is a file, else the ImageFolder written into
+    ``folder/val-KEY.beton`` (small images raw, larger ones as JPEG quality 95),
+    KEY a digest of the folder and its images (paths, sizes, times, labels):
+    a run with another or changed folder writes its own and removes the old."""
     if os.path.isfile(val):
         return val
-    path = os.path.join(folder, 'val.beton')
+    images = _Folder(val)
+    key = digest({'folder': os.path.realpath(val),
+                  'images': images_digest(val, images.images.paths, images.images.labels)})[:16]
+    path = os.path.join(folder, f'val-{key}.beton')
     if rank == 0 and not os.path.exists(path):
+        for stale in glob.glob(os.path.join(glob.escape(folder), 'val-*.beton')):
+            os.remove(stale)
         tmp = path + '.tmp'
         DatasetWriter(tmp, {'image': RGBImageField(write_mode='smart', smart_threshold=64 * 64 * 3,
                                                    jpeg_quality=95),
-                            'label': IntField()}, num_workers=workers).from_indexed_dataset(_Folder(val))
+                            'label': IntField()}, num_workers=workers).from_indexed_dataset(images)
         os.replace(tmp, path)
     if dist.is_initialized():
         dist.barrier()
@@ -290,7 +299,7 @@ class Trainer:
         hits = torch.zeros(3, dtype=torch.float64, device=self.device)  # top-1, top-5, count
         table = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=self.device)
         for images, labels in self.val_loader:
-            labels = labels.to(self.device).long()
+            labels = labels.to(self.device).long().reshape(-1)  # Squeeze makes a batch of one 0-d
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 out = model(images.to(self.device, non_blocking=True))
             probs = out.float().softmax(-1)

@@ -1,5 +1,6 @@
 """The training script: its modes run, its metrics are right, a resumed run
 continues exactly where the interrupted one stopped."""
+import glob
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from ffcv_dr.train import (calibration, expected_calibration_error, load_config, lr_factor,
-                           resolution, train)
+                           resolution, train, val_beton)
 
 TINY = ['model.arch=test_efficientnet', 'data.image_size=64', 'data.batch_size=16',
         'data.workers=2', 'train.epochs=2', 'train.warmup_epochs=0', 'train.lr=0.2',
@@ -67,10 +68,12 @@ def test_resolution_ramps_as_ffcv_imagenet():
 
 def test_training_follows_the_resolution_ramp(mixing_beton, small_images, tmp_path):
     """Each epoch's batches come at the ramp's side, and the network takes them
-    as they come; here read as a file bigger than memory is (mixing partners too)."""
+    as they come; here read as a file bigger than memory is (mixing partners too),
+    and evaluated in batches that end in one image."""
     train(config(mixing_beton, small_images, str(tmp_path), 'train.epochs=3', 'resolution.min_res=32',
                  'resolution.max_res=96', 'resolution.start_ramp=0', 'resolution.end_ramp=2',
-                 'resolution.val_res=64', 'data.os_cache=false', 'data.order=quasi_random'))
+                 'resolution.val_res=64', 'data.os_cache=false', 'data.order=quasi_random',
+                 'data.batch_size=11'))  # the 12 validation images end in a batch of one
     assert [r['resolution'] for r in read_log(str(tmp_path))] == [32, 64, 96]
 
 
@@ -110,6 +113,23 @@ def test_a_bad_yaml_file_is_one_line(tmp_path, text, message):
         load_config(str(path))
 
 
+def test_the_validation_file_follows_data_val(small_images, tmp_path):
+    """A second run into the same folder with another data.val writes its own
+    validation file instead of reusing the first run's."""
+    from ffcv.reader import Reader
+    folder = str(tmp_path / 'out')
+    os.makedirs(folder)
+    first = val_beton(small_images, folder, 2, 0)
+    other = tmp_path / 'other'
+    for path in sorted(glob.glob(os.path.join(small_images, '*', '*')))[:5]:
+        os.makedirs(other / os.path.basename(os.path.dirname(path)), exist_ok=True)
+        os.symlink(path, other / os.path.basename(os.path.dirname(path)) / os.path.basename(path))
+    second = val_beton(str(other), folder, 2, 0)
+    assert second != first and not os.path.exists(first)
+    assert Reader(second).num_samples == 5
+    assert val_beton(small_images, folder, 2, 0) == first and Reader(first).num_samples == 12
+
+
 def test_unknown_settings_are_refused():
     with pytest.raises(ValueError, match='unknown setting train.epoch'):
         load_config(None, ['data.train=x', 'train.epoch=3'])
@@ -128,7 +148,7 @@ def test_dr_training_logs_evaluates_and_resumes_exactly(mixing_beton, small_imag
         assert 0 <= r['top1'] <= r['top5'] <= 1 and 0 <= r['ece'] <= 1 and r['train_loss'] > 0
         assert 0 < r['confidence'] <= 1
     assert os.path.exists(os.path.join(whole, 'reliability.png'))
-    assert os.path.exists(os.path.join(whole, 'val.beton'))
+    assert len(glob.glob(os.path.join(whole, 'val-*.beton'))) == 1
 
     parts = str(tmp_path / 'parts')  # the same run, killed after its first epoch
     args = [sys.executable, '-m', 'ffcv_dr.cli', 'train']
@@ -210,7 +230,7 @@ def test_a_teacher_fine_tuned_here_labels_with_its_checkpoint(small_images, tmp_
         'train.amp=false', 'device=cpu']))
     teacher = load_teacher('bundled:efficientnet_lite0', [os.path.join(folder, 'checkpoint.pt')],
                            input_size=64)
-    images, labels = next(iter(val_loader(os.path.join(folder, 'val.beton'), 12, 2, 48, 1.0, False)))
+    images, labels = next(iter(val_loader(val_beton(small_images, folder, 2, 0), 12, 2, 48, 1.0, False)))
     probs = teacher(images)
     assert probs.shape == (12, 1000)  # ImageNet synset folders: the bundled head is kept
     assert float((probs.argmax(1) == labels.long()).double().mean()) == pytest.approx(last['top1'])
