@@ -79,13 +79,14 @@ def shares(pages: np.ndarray, indices: np.ndarray, world_size: int, seed: int, e
     shuffled = rng.permutation(len(page_ids))
     middle = np.cumsum(counts[shuffled]) - counts[shuffled] / 2
     members = indices[by_page].astype(np.int64)
-    if len(page_ids) < world_size:
-        # Fewer pages than ranks: ranks share pages, splitting a shuffled list of
-        # the samples as DistributedSampler does (padded by repeating its start).
+    rank_of = np.minimum((middle * world_size / len(indices)).astype(np.int64), world_size - 1)
+    if len(np.unique(rank_of)) < world_size:
+        # Fewer pages than ranks, or a page so large that a rank would get none:
+        # ranks share pages, splitting a shuffled list of the samples as
+        # DistributedSampler does (padded by repeating its start).
         members = np.resize(rng.permutation(members), -(-len(members) // world_size) * world_size)
         return [(members[r::world_size], np.zeros(1, np.int64),
                  np.full(1, len(members) // world_size, np.int64)) for r in range(world_size)]
-    rank_of = np.minimum((middle * world_size / len(indices)).astype(np.int64), world_size - 1)
     return [(members, starts[shuffled[rank_of == r]], counts[shuffled[rank_of == r]])
             for r in range(world_size)]
 

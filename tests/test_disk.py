@@ -96,6 +96,18 @@ def test_shares_are_disjoint_whole_pages_covering_the_epoch(randaug_beton):
             assert max(sizes) - min(sizes) <= 2 * biggest_page  # each within a page of N / world
 
 
+def test_every_rank_gets_samples_when_pages_are_few_or_lopsided():
+    pages = np.array([0] * 98 + [1, 2])  # a rank given whole pages could get none
+    for world in (2, 3, 5, 120):
+        for epoch in range(4):
+            orders = [rank_order(pages, np.arange(100), r, world, 16, 3, epoch) for r in range(world)]
+            assert all(len(o) == -(-100 // world) for o in orders)
+            assert all(((o >= 0) & (o < 100)).all() for o in orders)
+            assert all(counts.sum() > 0 for _, _, counts in shares(pages, np.arange(100), world, 3, epoch))
+            if world > 3:  # more ranks than pages: samples are split, as DistributedSampler splits them
+                assert set(np.concatenate(orders).tolist()) == set(range(100))
+
+
 TORCHRUN_RANK = """
 import sys, numpy as np, torch.distributed as dist
 from ffcv.loader import OrderOption
