@@ -168,9 +168,7 @@ class Trainer:
         torch.manual_seed(d['seed'])
         recipe = BetonFile(d['train']).recipe
         r = cfg['resolution']
-        self.ramp = r['min_res'] is not None
-        if self.ramp:
-            resolution(0, r['min_res'], r['max_res'], r['start_ramp'], r['end_ramp'])  # checks
+        self.ramp = r['min_res'] is not None  # train_settings.check: both given, min <= max
         self.size = (r['max_res'] if self.ramp else None) or d['image_size'] or recipe.size
         p = d['p'] if t['mode'] == 'dr' else 0.0  # erm and kd: fresh augmentations only
         self.train_loader = Loader(d['train'], d['batch_size'], d['workers'], order=ORDERS[d['order']],
