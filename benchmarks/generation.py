@@ -43,8 +43,10 @@ def main():
             cls = os.path.basename(os.path.dirname(path))
             os.makedirs(os.path.join(folder, cls), exist_ok=True)
             os.symlink(os.path.abspath(path), os.path.join(folder, cls, os.path.basename(path)))
+        # a chunk's views fill at least one teacher batch: smaller chunks pad every batch
+        chunk = max(8, -(-args.batch_size // args.samples))
         kw = dict(teacher=args.teacher, samples=args.samples, batch_size=args.batch_size,
-                  device=args.device, num_workers=args.workers, chunk=8, recipe=args.recipe,
+                  device=args.device, num_workers=args.workers, chunk=chunk, recipe=args.recipe,
                   pretrained=not args.no_pretrained)
         teacher = load_teacher(args.teacher, pretrained=not args.no_pretrained, device=args.device)
         batch = torch.randint(0, 256, (args.batch_size, 224, 224, 3), dtype=torch.uint8)

@@ -10,7 +10,7 @@
 # 2. Training step at 176 px: ResNet-50, channels_last, AMP, fed by ffcv-dr
 #    against plain FFCV on the same images as ffcv-imagenet writes ImageNet
 #    (benchmarks/gpu_train_step.py), on a .beton reinforced from IMAGES_DIR
-#    repeated 8 times (enough batches per epoch).
+#    repeated 32 times (long epochs), at 176 and 224 px.
 set -euo pipefail
 images="$1"
 work="${2:-$(mktemp -d)}"
@@ -22,12 +22,14 @@ repeated="$work/repeated"
 for cls in "$images"/*/; do
     name="$(basename "$cls")"
     mkdir -p "$repeated/$name"
-    for k in 1 2 3 4 5 6 7 8; do
+    for k in $(seq 32); do
         for f in "$cls"*; do
             ln -sf "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$repeated/$name/${k}_$(basename "$f")"
         done
     done
 done
 python3 -m ffcv_dr.cli reinforce "$repeated" "$work/train.beton" --teacher resnet18 --no-pretrained \
-    --samples 2 --device cuda --batch-size 256
-python3 "$here/gpu_train_step.py" "$work/train.beton" --size 176 --batch-size 256 --rounds 3
+    --samples 2 --chunk 128 --device cuda --batch-size 256
+for size in 176 224; do
+    python3 "$here/gpu_train_step.py" "$work/train.beton" --size $size --batch-size 256 --rounds 3
+done

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -202,6 +203,11 @@ def run_chunks(todo, chunk: int, n: int, samples: int, batch_size: int, prepare,
     the CPU the teacher needs every core, so they take turns. Rank 0 shows the
     group's progress; returns the seconds taken and the group's images per
     second (None when earlier runs did every chunk), once every rank is done."""
+    if len(todo) > 1 and chunk * samples < batch_size:
+        warnings.warn(f'a chunk of {chunk} images makes {chunk * samples} reinforcements, less than one '
+                      f'teacher batch of {batch_size}: every batch is padded and '
+                      f'{1 - chunk * samples / batch_size:.0%} of the teacher\'s work is thrown away; '
+                      f'use --chunk {-(-batch_size // samples)} or more', stacklevel=3)
     spans = [(c, r, min(r + batch_size, min((c + 1) * chunk, n) * samples)) for c in todo
              for r in range(c * chunk * samples, min((c + 1) * chunk, n) * samples, batch_size)]
     bar = tqdm(total=sum(stop - start for _, start, stop in spans) * world_size, unit='view',

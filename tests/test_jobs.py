@@ -151,3 +151,12 @@ def test_reinforce_on_a_full_disk_says_so_and_keeps_finished_chunks(tmp_path):
                         rf'\(mounted on {disk}\) has [\d,]+ bytes free and the job needs about [\d,]+ more; '
                         'free some space and run it again', errors[0]), errors[0]
     assert code == 1 and left == ['x.beton.parts']  # the fingerprint stays; no partial chunk
+
+
+def test_chunks_smaller_than_a_teacher_batch_are_warned_of(tmp_path):
+    # 2 images x 2 reinforcements a chunk fill half of each batch of 8: the
+    # teacher would do twice the work (on a GPU, 4x with ImageNet-sized batches)
+    from ffcv_dr.intake import list_images
+    folder = _folder(tmp_path / 'images', list_images(IMAGES).paths[:6])
+    with pytest.warns(UserWarning, match=r"50% of the teacher's work .* --chunk 4 or more"):
+        reinforce(folder, str(tmp_path / 'out.beton'), **{**FAST, 'chunk': 2})
