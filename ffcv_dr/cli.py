@@ -62,12 +62,14 @@ def _info(args):
     import numpy as np
     from .beton import BetonFile
     from .format import STORED_RAW
+    from .jpeg import seekable
     f = BetonFile(args.beton)
     r, n = f.recipe, len(f)
     reinforcements = n * r.num_samples
     params = reinforcements * f.record_dtype.itemsize
     probs = reinforcements * f.topk_dtype.itemsize
     raw = int(np.count_nonzero(f.image_meta['mode'] == STORED_RAW))
+    jpegs = np.flatnonzero(f.image_meta['mode'] != STORED_RAW)
     info = {
         'path': args.beton, 'images': n, 'classes': r.num_classes,
         'reinforcements_per_image': r.num_samples, 'topk': r.topk,
@@ -76,6 +78,7 @@ def _info(args):
         'fields': {name: type(h).__name__ for name, h in f.reader.handlers.items()},
         'file_bytes': os.path.getsize(args.beton),
         'stored_jpeg': n - raw, 'stored_raw': raw,
+        'seekable_jpeg': sum(seekable(f.payload(i)) for i in jpegs),  # crops entropy-decode only their part
         'image_bytes': f.image_bytes(),
         'image_bytes_per_image': round(f.image_bytes() / max(1, n)),
         'param_bytes': params,

@@ -29,6 +29,50 @@ _resize_crop = types.ExternalFunction('ffcv_dr_resize_crop', types.int32(
 _check_jpeg = ctypes.CDLL(_jpeg.__file__).ffcv_dr_check_jpeg
 _check_jpeg.restype = ctypes.c_int
 _check_jpeg.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_void_p]
+_add_restarts = ctypes.CDLL(_jpeg.__file__).ffcv_dr_add_restarts
+_add_restarts.restype = ctypes.c_int64
+_add_restarts.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint64]
+_decode_region_c = ctypes.CDLL(_jpeg.__file__).ffcv_dr_decode_region
+_decode_region_c.argtypes = [ctypes.c_void_p, ctypes.c_uint64] + 5 * [ctypes.c_uint32] + [
+    ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p]
+_seekable = ctypes.CDLL(_jpeg.__file__).ffcv_dr_seekable
+_seekable.restype = ctypes.c_int
+_seekable.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+RESTART_INTERVAL = 4   # MCUs at most: files grow ~1%, a crop's piece is within 3 MCUs of its width
+
+
+def add_restarts(data) -> np.ndarray:
+    """The JPEG ``data`` rewritten losslessly with restart markers that let
+    the decoder cut out a crop's intervals (see ``_jpeg.c``): the same
+    pixels, baseline, optimized Huffman tables. ``data`` itself where that
+    does not apply (not 8-bit, not grey or 3 components, damaged data)."""
+    data = np.frombuffer(bytes(data), np.uint8) if not isinstance(data, np.ndarray) else data
+    room = 2 * data.size + 65536
+    while True:
+        out = np.empty(room, np.uint8)
+        n = _add_restarts(data.tobytes(), data.size, RESTART_INTERVAL, out.ctypes.data, room)
+        if n != -2:
+            return out[:n].copy() if n > 0 else data
+        room *= 2
+
+
+def decode_region(data: np.ndarray, denom: int, top: int, height: int, left: int,
+                  width: int) -> np.ndarray:
+    """Rows [top, top + height) and columns [left, left + width) of the JPEG
+    scaled by 1/denom, as the kernels decode them (HWC RGB)."""
+    geometry = np.zeros(2, np.uint32)
+    buf = np.zeros(height * (-(-jpeg_header(data.tobytes())[0] // denom)) * 3, np.uint8)
+    if _decode_region_c(data.ctypes.data, data.size, denom, top, height, left, width,
+                        buf.ctypes.data, buf.size, geometry.ctypes.data) != 0:
+        raise ValueError('libjpeg could not decode the region')
+    x0, w = int(geometry[0]), int(geometry[1])
+    return buf[:height * w * 3].reshape(height, w, 3)[:, left - x0:left - x0 + width]
+
+
+def seekable(data: np.ndarray) -> bool:
+    """Whether the decoder cuts this JPEG to a crop's restart intervals. Reads
+    only its header: over a map of a large file, one page per image."""
+    return data.size > 0 and bool(_seekable(data.ctypes.data, data.size))
 
 
 def check_jpeg(data: bytes):

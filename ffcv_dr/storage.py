@@ -1,7 +1,7 @@
 """How each image's pixels are stored: FFCV's ``RGBImageField`` choices.
 
-``original`` (the default) keeps each JPEG's own bytes and re-encodes only
-what the loader cannot take (CMYK, PNG, palette...) or what
+``original`` (the default) keeps each JPEG's own coefficients and re-encodes
+only what the loader cannot take (CMYK, PNG, palette...) or what
 ``max_resolution`` shrinks. The other modes mean what they mean to FFCV's
 ``RGBImageField``, as ffcv-imagenet writes ImageNet
 (``write_mode='proportion', compress_probability=0.5, max_resolution=500,
@@ -12,6 +12,10 @@ when its longer side exceeds ``max_resolution``, then stored as
 - ``raw``: its pixels, which the loader crops without decoding;
 - ``proportion``: a JPEG with probability ``compress_probability``, else raw;
 - ``smart``: raw, or a JPEG when the pixels take more than ``smart_threshold`` bytes.
+
+Every stored JPEG is then rewritten losslessly with restart markers
+(:func:`ffcv_dr.jpeg.add_restarts`): the same pixels, and the loader
+entropy-decodes only the part of it that a crop covers.
 
 FFCV draws ``proportion``'s coin from the global numpy state; here it is a
 pure function of the image's index, so ``reinforce`` (which renders each
@@ -29,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from .format import STORED_JPEG, STORED_RAW
+from .jpeg import add_restarts
 from .replay_clock import uniform
 
 WRITE_MODES = ('original', 'jpg', 'raw', 'proportion', 'smart')
@@ -90,7 +95,7 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
                             [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
     if not ok:
         raise ValueError('OpenCV could not encode the image as JPEG')
-    return data.reshape(-1)
+    return add_restarts(data.reshape(-1))
 
 
 def stored_image(path: str, index: int, width: int, height: int, passthrough: bool,
@@ -102,13 +107,13 @@ def stored_image(path: str, index: int, width: int, height: int, passthrough: bo
     if storage.write_mode == 'original':
         if passthrough and size == (width, height):
             with open(path, 'rb') as f:
-                return np.frombuffer(f.read(), np.uint8), width, height, STORED_JPEG
+                return add_restarts(np.frombuffer(f.read(), np.uint8)), width, height, STORED_JPEG
         rgb = _rgb(path)
         if size != (width, height):
             return encode_jpeg(_shrink(rgb, size), storage.jpeg_quality), *size, STORED_JPEG
         buf = io.BytesIO()
         Image.fromarray(rgb).save(buf, format='JPEG', **FORMAT_REENCODE)
-        return np.frombuffer(buf.getvalue(), np.uint8), width, height, STORED_JPEG
+        return add_restarts(np.frombuffer(buf.getvalue(), np.uint8)), width, height, STORED_JPEG
     rgb = _shrink(_rgb(path), size)
     if storage.mode_for(index, *size) == 'jpg':
         return encode_jpeg(rgb, storage.jpeg_quality), *size, STORED_JPEG
