@@ -131,6 +131,77 @@ def record_mutations(path, rng) -> list:
     return out
 
 
+def jpeg_mutations(data: bytes, rng) -> list:
+    """(name, bytes) mutations of a JPEG with restart markers, aimed at what
+    the decoder splices: the restart interval (DRI), the frame's size and
+    sampling (SOF), the markers themselves (renumbered, dropped, doubled,
+    stray, an early EOI), truncations and flipped entropy-coded bytes."""
+    segments, p = {}, 2
+    while data[p] == 0xFF and data[p + 1] != 0xDA:
+        segments.setdefault(data[p + 1], p)
+        p += 2 + (data[p + 2] << 8 | data[p + 3])
+    entropy = p + 2 + (data[p + 2] << 8 | data[p + 3])
+    rst = [k for k in range(entropy, len(data) - 1) if data[k] == 0xFF and 0xD0 <= data[k + 1] <= 0xD7]
+    dri, sof = segments[0xDD], segments.get(0xC0, segments.get(0xC1))
+    assert rst and dri and sof, 'a JPEG with restart markers'
+
+    def put(at, raw, base=data):
+        return base[:at] + bytes(raw) + base[at + len(raw):]
+    out = [(f'DRI={v}', put(dri + 4, v.to_bytes(2, 'big'))) for v in (0, 1, 2, 3, 5, 7, 64, 0xFFFF)]
+    height, width = data[sof + 5] << 8 | data[sof + 6], data[sof + 7] << 8 | data[sof + 8]
+    for name, h, w in (('0x0', 0, 0), ('height 1', 1, width), ('width 1', height, 1),
+                       ('+16', height + 16, width + 16), ('-16', max(1, height - 16), max(1, width - 16)),
+                       ('65535', 0xFFFF, 0xFFFF), ('wide', height, 0xFFFF)):
+        out.append((f'SOF size {name}', put(sof + 5, h.to_bytes(2, 'big') + w.to_bytes(2, 'big'))))
+    for v in (0x11, 0x22, 0x44, 0x41, 0x14, 0x00):
+        out.append((f'SOF luma sampling {v:#x}', put(sof + 11, [v])))
+    middle = rst[len(rst) // 2]
+    out += [('RST renumbered', put(middle + 1, [0xD0 + (data[middle + 1] - 0xD0 + 3) % 8])),
+            ('RST dropped', data[:middle] + data[middle + 2:]),
+            ('RST doubled', data[:middle] + data[middle:middle + 2] * 2 + data[middle + 2:]),
+            ('first RST dropped', data[:rst[0]] + data[rst[0] + 2:]),
+            ('last RST dropped', data[:rst[-1]] + data[rst[-1] + 2:]),
+            ('EOI in place of an RST', put(middle + 1, [0xD9])),
+            ('every RST 0xD0', bytes(b if k - 1 not in set(rst) else 0xD0 for k, b in enumerate(data))),
+            ('no EOI', data[:-2]),
+            ('entropy data gone', data[:entropy]),
+            ('only the first interval', data[:rst[0]])]
+    for k in rng.integers(entropy, len(data) - 2, 4):
+        out.append((f'stray RST at {k}', data[:k] + bytes([0xFF, 0xD0 + int(k) % 8]) + data[k:]))
+    for frac in (0.1, 0.5, 0.9):
+        out.append((f'truncated at {frac:.0%}', data[:entropy + int(frac * (len(data) - entropy))]))
+    flipped = bytearray(data)
+    for k in rng.integers(entropy, len(data) - 2, 12):
+        flipped[k] ^= 1 << int(rng.integers(8))
+    out.append(('12 flipped bits', bytes(flipped)))
+    out.append(('random entropy data', data[:entropy] + rng.integers(0, 256, len(data) - entropy,
+                                                                     dtype=np.uint8).tobytes()))
+    return out
+
+
+def _decode_crops(path):
+    """The replay kernel on crops of a (mutated) JPEG whose header said
+    ``height`` x ``width``: the whole image, corners, the middle, one-pixel
+    strips, at outputs that use every DCT scale; how many decoded."""
+    from ffcv_dr.jpeg import decode_crop_resize, decode_region, seekable
+    job = json.load(open(path + '.json'))
+    data = np.fromfile(path, np.uint8)
+    h, w = job['height'], job['width']
+    crops = [(0, 0, h, w), (0, 0, h // 2, w // 2), (h // 2, w // 2, h - h // 2, w - w // 2),
+             (h // 4, w // 4, h // 2, w // 2), (0, w - 1, h, 1), (h - 1, 0, 1, w), (h // 3, w // 3, 1, 1)]
+    decoded = 0
+    for top, left, ch, cw in crops:
+        for side in (64, 16, 4):
+            out = np.full((side, side, 3), 7, np.uint8)
+            decoded += bool(decode_crop_resize(data, h, w, top, left, ch, cw, out))
+    seekable(data)
+    try:
+        decode_region(data, 1, 0, 1, 0, 1)
+    except (ValueError, TypeError):
+        pass   # no header left to size the region by
+    return {'decoded': decoded}
+
+
 def crc_span_of(start, dtype) -> list:
     """[first byte, CRC's byte] of a record whose CRC32 covers what precedes it."""
     return [start, start + dtype.fields['crc32'][1]]
@@ -189,7 +260,8 @@ def child():
                 copied = (job['good'], path)
             undo = _apply(path, *job['mutation'])
         try:
-            result = {'status': 'ok', **(_load(path, job['p']) if job.get('p') is not None else _open(path))}
+            result = {'status': 'ok', **(_decode_crops(path) if job.get('jpeg') else
+                                         _load(path, job['p']) if job.get('p') is not None else _open(path))}
         except ValueError as e:
             result = {'status': 'refused', 'named': path in str(e), 'message': str(e)[:300]}
         if undo:

@@ -186,3 +186,30 @@ def test_every_field_at_its_boundaries(files, tmp_path, capsys):
         assert set(r['fallbacks']) == damaged and damaged <= refused <= set(hits), (name, r)
         assert verify(path).samples == refused, name
         assert len(refused) > len(hits) // 3, (name, len(refused))
+
+
+def test_what_the_decoder_splices_cannot_crash_it(tmp_path):
+    """Restart intervals, frame size and sampling, the markers themselves,
+    truncations and flipped bits of JPEGs stored with restart markers (4:2:0
+    and 4:4:4 photos): every crop at every DCT scale decodes or comes out
+    black, in a child process that must neither crash nor hang."""
+    import io
+    import json
+    import skimage.data
+    from ffcv_dr.jpeg import add_restarts
+    rng = np.random.default_rng(0)
+    jobs = []
+    for sub in (2, 0):
+        buf = io.BytesIO()
+        Image.fromarray(skimage.data.coffee()).resize((403, 301)).save(buf, format='JPEG', subsampling=sub)
+        good = add_restarts(np.frombuffer(buf.getvalue(), np.uint8)).tobytes()
+        for name, data in [('unchanged', good)] + fuzz.jpeg_mutations(good, rng):
+            path = str(tmp_path / f'{len(jobs)}.jpg')
+            open(path, 'wb').write(data)
+            json.dump({'height': 301, 'width': 403}, open(path + '.json', 'w'))
+            jobs.append({'name': f'{sub} {name}', 'path': path, 'jpeg': True})
+    results = fuzz.run_jobs(jobs, timeout=600)
+    assert len(results) == len(jobs) > 60
+    for name, r in results.items():
+        assert r['status'] == 'ok', (name, r)
+    assert results['2 unchanged']['decoded'] == results['0 unchanged']['decoded'] == 21
