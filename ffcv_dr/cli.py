@@ -226,7 +226,8 @@ def _storage_options(p):
                              '--compress-probability 0.5 --max-resolution 500 --jpeg-quality 90')
     g.add_argument('--write-mode', default='original',
                    choices=['original', 'jpg', 'raw', 'proportion', 'smart'],
-                   help='original (default): keep each JPEG\'s bytes, re-encode only what must be; '
+                   help='original (default): keep each JPEG\'s coefficients (restart markers added '
+                        'losslessly), re-encode only what must be; '
                    'jpg: re-encode all; raw: store pixels; proportion: jpg with probability '
                    '--compress-probability, else raw; smart: raw unless larger than --smart-threshold')
     g.add_argument('--max-resolution', type=_int(1), default=None,
