@@ -34,6 +34,14 @@ static void on_error(j_common_ptr cinfo) {
 
 static void on_message(j_common_ptr cinfo) { (void)cinfo; }
 
+/* libjpeg's error manager, made to jump back on errors and to print nothing. */
+static struct jpeg_error_mgr *quiet_errors(struct error_manager *err) {
+    jpeg_std_error(&err->pub);
+    err->pub.error_exit = on_error;
+    err->pub.output_message = on_message;
+    return &err->pub;
+}
+
 /* Today's path, on any JPEG: decode rows [top, top + height) and at least
  * columns [left, left + width) of the JPEG scaled by 1/denom, as RGB, into
  * out (row stride 3 * the decoded width). The columns are widened by an iMCU
@@ -46,9 +54,7 @@ static int decode_region(const uint8_t *jpeg, uint64_t size, uint32_t denom,
     struct jpeg_decompress_struct cinfo;
     struct error_manager err;
     JSAMPROW rows[16];
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = on_error;
-    err.pub.output_message = on_message;
+    cinfo.err = quiet_errors(&err);
     if (setjmp(err.jump)) {
         jpeg_destroy_decompress(&cinfo);
         return -1;
@@ -111,9 +117,7 @@ static int read_layout(const uint8_t *jpeg, uint64_t size, struct layout *l) {
     struct jpeg_decompress_struct cinfo;
     struct error_manager err;
     int ok = 0;
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = on_error;
-    err.pub.output_message = on_message;
+    cinfo.err = quiet_errors(&err);
     if (setjmp(err.jump)) {
         jpeg_destroy_decompress(&cinfo);
         return -1;
@@ -312,9 +316,7 @@ int64_t ffcv_dr_add_restarts(const uint8_t *jpeg, uint64_t size, uint32_t max_in
     int64_t result = 0;
     memset(&src, 0, sizeof src);
     memset(&dst, 0, sizeof dst);
-    src.err = dst.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = on_error;
-    err.pub.output_message = on_message;
+    src.err = dst.err = quiet_errors(&err);
     if (setjmp(err.jump)) {
         result = -1;
         goto done;
@@ -371,9 +373,7 @@ int ffcv_dr_check_jpeg(const uint8_t *jpeg, uint64_t size, int decode, uint32_t 
     struct jpeg_decompress_struct cinfo;
     struct error_manager err;
     JSAMPROW row = NULL;
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = on_error;
-    err.pub.output_message = on_message;
+    cinfo.err = quiet_errors(&err);
     if (setjmp(err.jump)) {
         free(row);
         jpeg_destroy_decompress(&cinfo);
