@@ -22,7 +22,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.ffcv-dr-installed"
 # Reinstalled when the package metadata or the C extensions change.
-want="$(cat pyproject.toml setup.py ffcv_dr/_jpeg.c ffcv_dr/_resize.cpp | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml setup.py ffcv_dr/_jpeg.c ffcv_dr/_restarts.c ffcv_dr/_jpeg_errors.h ffcv_dr/_resize.cpp | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
     # A matched pair: timm pulls torchvision, and a mismatched pair fails to import.

@@ -17,7 +17,8 @@ def opencv_flags():
 
 
 setup(ext_modules=[
-    Extension('ffcv_dr._jpeg', ['ffcv_dr/_jpeg.c'], libraries=['jpeg']),
+    Extension('ffcv_dr._jpeg', ['ffcv_dr/_jpeg.c', 'ffcv_dr/_restarts.c'], libraries=['jpeg'],
+              depends=['ffcv_dr/_jpeg_errors.h']),
     Extension('ffcv_dr._resize', ['ffcv_dr/_resize.cpp'], libraries=['opencv_imgproc', 'opencv_core'],
               extra_compile_args=['-O3'], **opencv_flags()),
 ])

@@ -10,7 +10,8 @@
  * intervals covering a crop (plus one MCU of margin, which the chroma
  * upsampling reads) are copied into a small JPEG of their own (same tables,
  * smaller frame, renumbered markers) that libjpeg decodes to the same pixels.
- * The writer adds such markers losslessly, from the DCT coefficients.
+ * The writer adds such markers losslessly: symbol by symbol where it can
+ * (_restarts.c), else from the DCT coefficients (ffcv_dr_add_restarts).
  * FFCV's libffcv only offers a lossless transform before decoding, which
  * costs more than it saves. Called from numba kernels by symbol name (see
  * ffcv_dr/jpeg.py), and from Python through ctypes.
@@ -23,24 +24,7 @@
 #include <string.h>
 #include <jpeglib.h>
 
-struct error_manager {
-    struct jpeg_error_mgr pub;
-    jmp_buf jump;
-};
-
-static void on_error(j_common_ptr cinfo) {
-    longjmp(((struct error_manager *)cinfo->err)->jump, 1);
-}
-
-static void on_message(j_common_ptr cinfo) { (void)cinfo; }
-
-/* libjpeg's error manager, made to jump back on errors and to print nothing. */
-static struct jpeg_error_mgr *quiet_errors(struct error_manager *err) {
-    jpeg_std_error(&err->pub);
-    err->pub.error_exit = on_error;
-    err->pub.output_message = on_message;
-    return &err->pub;
-}
+#include "_jpeg_errors.h"
 
 /* Today's path, on any JPEG: decode rows [top, top + height) and at least
  * columns [left, left + width) of the JPEG scaled by 1/denom, as RGB, into
@@ -302,7 +286,7 @@ int ffcv_dr_decode_region(const uint8_t *jpeg, uint64_t size, uint32_t denom,
  * with optimized Huffman tables and a restart marker every k MCUs, k the
  * largest divisor of the MCUs per row not above max_interval: decoding it
  * gives exactly the original's pixels. Progressive JPEGs become baseline.
- * Returns the new size (written to out, of out_size bytes), 0 when the JPEG
+ * The route for what the splicer (_restarts.c) does not take. Returns the new size (written to out, of out_size bytes), 0 when the JPEG
  * is not one this applies to (not 8-bit, not 1 or 3 components, corrupt
  * data that libjpeg would pad), -1 when libjpeg fails, -2 when out is too
  * small. */

@@ -32,6 +32,10 @@ _check_jpeg.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_int, ctypes.c
 _add_restarts = ctypes.CDLL(_jpeg.__file__).ffcv_dr_add_restarts
 _add_restarts.restype = ctypes.c_int64
 _add_restarts.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint64]
+_splice_restarts = ctypes.CDLL(_jpeg.__file__).ffcv_dr_splice_restarts
+_splice_restarts.restype = ctypes.c_int64
+_splice_restarts.argtypes = _add_restarts.argtypes
+TOO_SMALL, NOT_SPLICED = -2, -3   # what the two return besides a size
 _decode_region_c = ctypes.CDLL(_jpeg.__file__).ffcv_dr_decode_region
 _decode_region_c.argtypes = [ctypes.c_void_p, ctypes.c_uint64] + 5 * [ctypes.c_uint32] + [
     ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p]
@@ -41,17 +45,26 @@ _seekable.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
 RESTART_INTERVAL = 4   # MCUs at most: files grow ~1%, a crop's piece is within 3 MCUs of its width
 
 
-def add_restarts(data) -> np.ndarray:
+def add_restarts(data, splice: bool = True) -> np.ndarray:
     """The JPEG ``data`` rewritten losslessly with restart markers that let
     the decoder cut out a crop's intervals (see ``_jpeg.c``): the same
     pixels, baseline, optimized Huffman tables. ``data`` itself where that
-    does not apply (not 8-bit, not grey or 3 components, damaged data)."""
+    does not apply (not 8-bit, not grey or 3 components, damaged data).
+
+    A sequential JPEG is re-marked symbol by symbol (``_restarts.c``, a
+    quarter of the time); anything else, or with ``splice=False``, goes
+    through libjpeg's coefficients."""
     data = np.frombuffer(bytes(data), np.uint8) if not isinstance(data, np.ndarray) else data
+    source = data.tobytes()
     room = 2 * data.size + 65536
+    routes = [_splice_restarts, _add_restarts] if splice else [_add_restarts]
     while True:
         out = np.empty(room, np.uint8)
-        n = _add_restarts(data.tobytes(), data.size, RESTART_INTERVAL, out.ctypes.data, room)
-        if n != -2:
+        for route in routes:
+            n = route(source, data.size, RESTART_INTERVAL, out.ctypes.data, room)
+            if n != NOT_SPLICED:
+                break
+        if n != TOO_SMALL:
             return out[:n].copy() if n > 0 else data
         room *= 2
 

@@ -14,8 +14,9 @@ when its longer side exceeds ``max_resolution``, then stored as
 - ``smart``: raw, or a JPEG when the pixels take more than ``smart_threshold`` bytes.
 
 Every stored JPEG is then rewritten losslessly with restart markers
-(:func:`ffcv_dr.jpeg.add_restarts`): the same pixels, and the loader
-entropy-decodes only the part of it that a crop covers.
+(:func:`ffcv_dr.jpeg.add_restarts`, Huffman symbols re-emitted without
+decoding to pixels): the same pixels, and the loader entropy-decodes only
+the part of it that a crop covers.
 
 FFCV draws ``proportion``'s coin from the global numpy state; here it is a
 pure function of the image's index, so ``reinforce`` (which renders each

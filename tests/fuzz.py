@@ -176,13 +176,36 @@ def jpeg_mutations(data: bytes, rng) -> list:
     out.append(('12 flipped bits', bytes(flipped)))
     out.append(('random entropy data', data[:entropy] + rng.integers(0, 256, len(data) - entropy,
                                                                      dtype=np.uint8).tobytes()))
+    # what the writer's splicer reads: Huffman tables, the scan header, precision
+    dht, sos = segments[0xC4], p
+    out += [('DHT overfull', put(dht + 5, [3, 0])), ('DHT 256 codes of 16 bits', put(dht + 20, [255])),
+            ('DHT no codes', put(dht + 5, bytes(16))), ('DHT value 0xFF', put(dht + 21, [0xFF])),
+            ('DHT class 2', put(dht + 4, [0x20])), ('SOS table 3', put(sos + 6, [0x33])),
+            ('SOS Se 31', put(sos + 2 + (data[sos + 2] << 8 | data[sos + 3]) - 2, [31])),
+            ('SOS component id 9', put(sos + 5, [9])), ('SOF 12-bit', put(sof + 4, [12]))]
     return out
+
+
+def _remark(data):
+    """The writer's re-marking of a (mutated) source JPEG: whether the
+    splicer took it and, if so, whether libjpeg read the source without a
+    warning and the result decodes to the source's pixels."""
+    from ffcv_dr.jpeg import _splice_restarts, check_jpeg, decode_region, jpeg_header
+    out = np.empty(2 * data.size + 65536, np.uint8)
+    n = _splice_restarts(data.tobytes(), data.size, 4, out.ctypes.data, out.size)
+    if n <= 0:
+        return {'spliced': False}
+    w, h = jpeg_header(data.tobytes())[:2]
+    return {'spliced': True, 'source_clean': check_jpeg(data)[0] is None,
+            'same_pixels': bool(np.array_equal(decode_region(out[:n], 1, 0, h, 0, w),
+                                               decode_region(data, 1, 0, h, 0, w)))}
 
 
 def _decode_crops(path):
     """The replay kernel on crops of a (mutated) JPEG whose header said
     ``height`` x ``width``: the whole image, corners, the middle, one-pixel
-    strips, at outputs that use every DCT scale; how many decoded."""
+    strips, at outputs that use every DCT scale; how many decoded. Then
+    the writer's re-marking of it (:func:`_remark`)."""
     from ffcv_dr.jpeg import decode_crop_resize, decode_region, seekable
     job = json.load(open(path + '.json'))
     data = np.fromfile(path, np.uint8)
@@ -199,7 +222,7 @@ def _decode_crops(path):
         decode_region(data, 1, 0, 1, 0, 1)
     except (ValueError, TypeError):
         pass   # no header left to size the region by
-    return {'decoded': decoded}
+    return {'decoded': decoded, **_remark(data)}
 
 
 def crc_span_of(start, dtype) -> list:

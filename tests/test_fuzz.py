@@ -190,9 +190,11 @@ def test_every_field_at_its_boundaries(files, tmp_path, capsys):
 
 def test_what_the_decoder_splices_cannot_crash_it(tmp_path):
     """Restart intervals, frame size and sampling, the markers themselves,
-    truncations and flipped bits of JPEGs stored with restart markers (4:2:0
-    and 4:4:4 photos): every crop at every DCT scale decodes or comes out
-    black, in a child process that must neither crash nor hang."""
+    Huffman tables, scan headers, truncations and flipped bits of JPEGs
+    stored with restart markers (4:2:0 and 4:4:4 photos): every crop at
+    every DCT scale decodes or comes out black, in a child process that must
+    neither crash nor hang; the writer's splicer takes only the mutations
+    that libjpeg reads without a warning, and keeps their pixels."""
     import io
     import json
     import skimage.data
@@ -212,4 +214,7 @@ def test_what_the_decoder_splices_cannot_crash_it(tmp_path):
     assert len(results) == len(jobs) > 60
     for name, r in results.items():
         assert r['status'] == 'ok', (name, r)
+        assert not r['spliced'] or (r['source_clean'] and r['same_pixels']), (name, r)
     assert results['2 unchanged']['decoded'] == results['0 unchanged']['decoded'] == 21
+    assert results['2 unchanged']['spliced'] and results['0 unchanged']['spliced']
+    assert sum(r['spliced'] for r in results.values()) < len(results) // 2

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ffcv_dr.jpeg import add_restarts, decode_region, seekable
+from ffcv_dr.jpeg import NOT_SPLICED, _splice_restarts, add_restarts, decode_region, seekable
 
 SCALES = (1, 2, 4, 8)
 
@@ -52,6 +52,47 @@ def test_restart_markers_keep_every_pixel(name):
     assert np.array_equal(_decode(stored), _decode(original))
     # a marker every MCU where a row's MCUs are prime (31 at 243 px in 4:4:4)
     assert stored.size <= 1.15 * original.size, (stored.size, original.size)
+
+
+def _other_encoders():
+    """Sequential JPEGs as other writers make them: OpenCV's with restart
+    markers of its own and Pillow's with optimized tables, EXIF and a
+    comment (segments the stored file leaves out)."""
+    import skimage.data
+    photo = skimage.data.astronaut()[::2, ::2][:203, :241]
+    out = {}
+    for rst in (1, 5):
+        ok, data = cv2.imencode('.jpg', photo, [int(cv2.IMWRITE_JPEG_RST_INTERVAL), rst])
+        out[f'OpenCV, a marker every {rst} MCUs'] = data.reshape(-1)
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x010F] = 'ffcv-dr test'
+    Image.fromarray(photo).save(buf, format='JPEG', optimize=True, exif=exif, comment=b'a comment')
+    out['Pillow, optimized, EXIF and COM'] = np.frombuffer(buf.getvalue(), np.uint8)
+    return out
+
+
+def _entropy_data(data: bytes) -> bytes:
+    sos = data.index(b'\xff\xda')
+    return data[sos + 2 + (data[sos + 2] << 8 | data[sos + 3]):]
+
+
+@pytest.mark.parametrize('name', [*JPEGS, *_other_encoders()])
+def test_sequential_jpegs_are_remarked_symbol_by_symbol_as_libjpeg_would(name):
+    """The splicer (``_restarts.c``) takes every sequential JPEG and writes
+    the entropy data that libjpeg's route through the coefficients writes,
+    byte for byte; a progressive JPEG goes through libjpeg."""
+    original = {**JPEGS, **_other_encoders()}[name]
+    out = np.empty(2 * original.size + 65536, np.uint8)
+    n = _splice_restarts(original.tobytes(), original.size, 4, out.ctypes.data, out.size)
+    if name.startswith('progressive'):
+        assert n == NOT_SPLICED
+        return
+    spliced, through_libjpeg = out[:n], add_restarts(original, splice=False)
+    assert np.array_equal(add_restarts(original), spliced)
+    assert _entropy_data(spliced.tobytes()) == _entropy_data(through_libjpeg.tobytes())
+    assert np.array_equal(_decode(spliced), _decode(original))
+    assert seekable(spliced) and b'ffcv-dr test' not in spliced.tobytes()
 
 
 def _crops(h, w, rng):
