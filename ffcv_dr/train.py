@@ -10,8 +10,10 @@ In the manner of ffcv-imagenet's ``train_imagenet.py``, with three modes:
 
 SGD or AdamW, linear warm-up then cosine or step decay (per iteration), AMP,
 channels_last, optional EMA (timm's ModelEmaV3), DDP under torchrun, a
-progress bar, a checkpoint after every epoch (``--resume`` continues from it)
-and a JSON line per epoch in ``log.jsonl``. Evaluation reports top-1, top-5
+progress bar, a checkpoint after every epoch and, with ``train.checkpoint_every``,
+every n-th step inside one (``--resume`` continues from it: in the middle of an
+epoch, with the batches an uninterrupted run would have had, through the
+Loader's ``state_dict``), and a JSON line per epoch in ``log.jsonl``. Evaluation reports top-1, top-5
 and the expected calibration error (15 bins), and draws a reliability plot.
 
 The validation set is a plain FFCV ``.beton`` (an RGBImageField and an
@@ -218,6 +220,7 @@ class Trainer:
             self.teacher = load_teacher(t['teacher'], t['teacher_checkpoints'], t['teacher_pretrained'],
                                         self.device, t['teacher_size'])
         self.start_epoch = 0
+        self.in_epoch = None   # where a checkpoint taken inside an epoch left it
         self.checkpoint = os.path.join(self.folder, 'checkpoint.pt')
 
     def _loss(self, out, images, targets, labels):
@@ -240,16 +243,25 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state['ema'])
         torch.set_rng_state(state['rng'])
-        self.start_epoch = state['epoch'] + 1
+        self.in_epoch = state.get('in_epoch')
+        if self.in_epoch:  # every rank stands at rank 0's batch
+            self.in_epoch['loader']['rank'] = self.train_loader.state_dict()['rank']
+            self.start_epoch = state['epoch']
+            where = f'epoch {state["epoch"]} at step {self.in_epoch["loader"]["batches"]}'
+        else:
+            self.start_epoch = state['epoch'] + 1
+            where = f'after epoch {state["epoch"]}'
         if self.rank == 0:
-            print(f'resuming after epoch {state["epoch"]} from {self.checkpoint}', flush=True)
+            print(f'resuming {where} from {self.checkpoint}', flush=True)
 
-    def _save(self, epoch):
+    def _save(self, epoch, in_epoch=None):
+        """A checkpoint after ``epoch``, or inside it: ``in_epoch`` holds the
+        loader's state and the epoch's running loss. Written whole or not at all."""
         if self.rank != 0:
             return
         state = {'model': self.model.net.state_dict(), 'opt': self.opt.state_dict(),
                  'scaler': self.scaler.state_dict(), 'epoch': epoch, 'rng': torch.get_rng_state(),
-                 'ema': self.ema.state_dict() if self.ema is not None else None}
+                 'ema': self.ema.state_dict() if self.ema is not None else None, 'in_epoch': in_epoch}
         torch.save(state, self.checkpoint + '.tmp')
         os.replace(self.checkpoint + '.tmp', self.checkpoint)
 
@@ -264,11 +276,18 @@ class Trainer:
         loader, t = self.train_loader, self.cfg['train']
         loader.next_epoch = epoch  # the replay schedule and the traversal order follow it
         loader.set_output_size((self.epoch_size(epoch),) * 2)
-        steps = len(loader)
-        total, count, start = torch.zeros((), device=self.device), 0, time.perf_counter()
-        bar = tqdm(loader, desc=f'epoch {epoch}', unit='batch', disable=self.rank != 0)
+        steps, every = len(loader), t['checkpoint_every']
+        total, count, before = torch.zeros((), device=self.device), 0, 0.0
+        resumed, self.in_epoch = self.in_epoch, None
+        if resumed:  # the rest of an epoch that a checkpoint stopped inside
+            loader.load_state_dict(resumed['loader'])
+            total, count, before = resumed['total'].to(self.device), resumed['count'], resumed['seconds']
+        first = resumed['loader']['batches'] if resumed else 0
+        start = time.perf_counter() - before
+        bar = tqdm(loader, desc=f'epoch {epoch}' + (f' (resumed at step {first})' if first else ''),
+                   unit='batch', initial=first, total=steps, disable=self.rank != 0)
         side = 0
-        for k, (images, targets, labels) in enumerate(bar):
+        for k, (images, targets, labels) in enumerate(bar, start=first):
             side = images.shape[1]
             for group in self.opt.param_groups:
                 group['lr'] = self.base_lr * lr_factor(epoch * steps + k, steps, t)
@@ -285,9 +304,13 @@ class Trainer:
             count += len(images)
             if k % 10 == 0:
                 bar.set_postfix(loss=f'{float(loss.detach()):.3f}', lr=f"{self.opt.param_groups[0]['lr']:.3g}")
+            if every and (k + 1) % every == 0 and k + 1 < steps:
+                self._save(epoch, {'loader': loader.state_dict(), 'total': total.detach().cpu(),
+                                   'count': count, 'seconds': time.perf_counter() - start})
         seconds = time.perf_counter() - start
-        return {'train_loss': float(total) / max(1, steps), 'epoch_seconds': seconds,
-                'train_images_per_s': count * self.world / seconds, 'resolution': int(side)}
+        record = {'train_loss': float(total) / max(1, steps), 'epoch_seconds': seconds,
+                  'train_images_per_s': count * self.world / seconds, 'resolution': int(side)}
+        return {**record, 'resumed_at_step': first} if first else record
 
     @torch.no_grad()
     def evaluate(self, model=None) -> tuple:

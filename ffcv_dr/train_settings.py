@@ -47,6 +47,7 @@ DEFAULTS = {
         'channels_last': True,
         'ema_decay': 0.0,          # 0: no EMA
         'eval_every': 1,           # evaluate every n-th epoch (and always after the last)
+        'checkpoint_every': 0,     # also checkpoint every n-th step inside an epoch (0: at epoch ends only)
         'teacher': 'bundled:efficientnet_lite0',   # kd only
         'teacher_checkpoints': [],
         'teacher_pretrained': True,
@@ -155,7 +156,7 @@ RULES = {
                               'a list of epochs (integers of at least 0)'),
               'step_gamma': _real(0, 1, above_low=True), 'label_smoothing': _real(0, 1, below_high=True),
               'amp': FLAG, 'channels_last': FLAG, 'ema_decay': _real(0, 1, below_high=True),
-              'eval_every': _int(1), 'teacher': _text(),
+              'eval_every': _int(1), 'checkpoint_every': _int(0), 'teacher': _text(),
               'teacher_checkpoints': ((lambda v: isinstance(v, list) and all(_text()[0](e) for e in v)),
                                       'a list of checkpoint paths'),
               'teacher_pretrained': FLAG, 'teacher_size': _int(1, optional=True)},

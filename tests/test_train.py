@@ -172,6 +172,41 @@ def test_dr_training_logs_evaluates_and_resumes_exactly(mixing_beton, small_imag
         torch.testing.assert_close(a[k], b[k], msg=k)
 
 
+def test_a_run_killed_inside_an_epoch_resumes_to_the_same_weights(mixing_beton, tmp_path):
+    """``train.checkpoint_every``: SIGKILL after a checkpoint inside an epoch,
+    ``--resume`` continues from that step, and the final weights (and EMA)
+    equal an uninterrupted run's bit for bit on the CPU."""
+    more = ['data.batch_size=4', 'train.checkpoint_every=5', 'train.ema_decay=0.9', 'data.p=0.8',
+            'data.order=quasi_random']
+    whole = str(tmp_path / 'whole')
+    train(load_config(None, [f'data.train={mixing_beton}', f'output.folder={whole}', *TINY, *more]))
+    parts = str(tmp_path / 'parts')
+    args = [sys.executable, '-m', 'ffcv_dr.cli', 'train']
+    for item in [f'data.train={mixing_beton}', f'output.folder={parts}', *TINY, *more]:
+        args += ['--set', item]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    checkpoint, deadline, state = os.path.join(parts, 'checkpoint.pt'), time.time() + 300, None
+    while time.time() < deadline and not (state and state['epoch'] == 1 and state['in_epoch']):
+        time.sleep(0.01)
+        if os.path.exists(checkpoint):
+            state = torch.load(checkpoint, weights_only=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert state and state['in_epoch'], 'no checkpoint inside epoch 1 before the deadline'
+    done = subprocess.run(args + ['--resume'], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    step = re.search(r'resuming epoch 1 at step (\d+) from', done.stdout)
+    assert step and int(step[1]) % 5 == 0, done.stdout[-2000:]
+    assert f'epoch 1 (resumed at step {step[1]})' in done.stderr
+    assert read_log(parts)[-1]['resumed_at_step'] == int(step[1])
+    a = torch.load(os.path.join(whole, 'checkpoint.pt'), weights_only=True)
+    b = torch.load(checkpoint, weights_only=True)
+    for part in ('model', 'ema'):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
 def test_erm_learns_a_learnable_toy(tmp_path):
     """scikit-image's 8 photos, 8 copies each as 8 classes: six epochs of ERM
     from scratch lower the loss and raise top-1 well above chance (1/8)."""

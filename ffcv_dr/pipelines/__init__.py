@@ -16,7 +16,7 @@ from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorch
 from ..beton import BetonFile
 from ..file_reads import open_for_reads
 from ..page_order import QuasiRandomPages
-from . import arguments
+from . import arguments, resume
 from ..fields import (CUSTOM_FIELDS, ReinforcedImageDecoder, ReinforcementIndexDecoder,
                       SoftTargetDecoder)
 from ..replay_clock import ReplayClock
@@ -91,7 +91,9 @@ class Loader(ffcv.loader.Loader):
     (:mod:`ffcv_dr.page_order`); mixing recipes then read each paired image
     from the file by itself (:mod:`ffcv_dr.file_reads`).
     :meth:`set_output_size` changes the image size between epochs
-    (progressive resizing) without recompiling anything. With a ``device``,
+    (progressive resizing) without recompiling anything. :meth:`state_dict`
+    and :meth:`load_state_dict` resume in the middle of an epoch, exactly
+    (:mod:`ffcv_dr.pipelines.resume`). With a ``device``,
     images come normalised with ``mean`` and ``std`` (0..255 units; ImageNet's
     by default): pass ``**normalization(model)`` for a model trained otherwise.
     """
@@ -122,6 +124,10 @@ class Loader(ffcv.loader.Loader):
         pipelines = train_pipelines(self.clock, output_size, device, densify, labels,
                                     reinforcement_index, mean, std, dtype)
         self.image_decoder = pipelines['image'][0]
+        self._identity = resume.identity(source, len(beton), indices, distributed, seed=seed,
+                                         p=p, order=order, batch_size=batch_size,
+                                         drop_last=drop_last, densify=densify)
+        self._position, self._skip = (0, 0), 0   # (epoch, batches handed out); batches to cut
         quasi_random = order == OrderOption.QUASI_RANDOM
         try:  # the decoders refuse, when compiled here, what this file cannot give
             super().__init__(source, batch_size, num_workers=num_workers, os_cache=os_cache,
@@ -141,7 +147,47 @@ class Loader(ffcv.loader.Loader):
     def __iter__(self):
         self.clock.report_damaged()  # what the epochs before found
         self.clock.set_epoch(self.next_epoch)
-        return super().__iter__()
+        epoch, done = self.next_epoch, self._skip
+        return resume.Delivered(super().__iter__(), self, epoch, done)
+
+    def next_traversal_order(self):
+        """FFCV's order for the next epoch, less the batches a resumed epoch
+        has already handed out."""
+        order = super().next_traversal_order()
+        if self._skip:
+            order = order[:len(self) * self.batch_size][self._skip * self.batch_size:]
+            self._skip = 0
+        return order
+
+    def state_dict(self) -> dict:
+        """Where the caller stands: the epoch and the batches of it handed
+        out so far (prefetched ones not counted), the output size, and what
+        the state is valid for. Small and picklable (no tensors); take it at
+        any point, inside or between epochs."""
+        epoch, batches = self._position
+        if batches >= len(self):   # every batch handed out, the end not yet seen
+            epoch, batches = epoch + 1, 0
+        return {'format': resume.FORMAT, 'epoch': epoch, 'batches': batches,
+                'output_size': self.image_decoder.output_size, **self._valid_for()}
+
+    def load_state_dict(self, state: dict):
+        """Continue from ``state`` (of a Loader built with the same file and
+        arguments): the next ``iter`` yields the rest of that epoch, then the
+        epochs after it, exactly as an uninterrupted run. The resumed epoch
+        has ``len(self) - state['batches']`` batches."""
+        resume.check(state, self._valid_for(), self.fname)
+        epoch, batches = state['epoch'], state['batches']
+        if batches >= len(self):
+            raise ValueError(f'{self.fname}: the state stands at batch {batches} of an epoch of '
+                             f'{len(self)} batches')
+        if state.get('output_size') is not None:
+            self.set_output_size(tuple(state['output_size']))
+        self.next_epoch, self._skip, self._position = epoch, batches, (epoch, batches)
+
+    def _valid_for(self) -> dict:
+        if 'file_crc' not in self._identity:
+            self._identity['file_crc'] = resume.file_crc(self.reader.metadata)
+        return self._identity
 
     def set_output_size(self, output_size: Tuple[int, int]):
         """Images of ``output_size`` (height, width) from the next epoch on.
