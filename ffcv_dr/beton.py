@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zlib
 
 import numpy as np
 from ffcv.reader import Reader
@@ -41,6 +42,7 @@ class BetonFile:
             raise ValueError(f'{path}: not an ffcv-dr .beton (fields: {list(handlers)})')
         self.recipe = handlers['image'].recipe
         self.teachers = handlers['target'].teachers  # who made the top-k; None: unknown
+        self.cut_from = handlers['image'].cut       # what ``subset`` cut it from; None: not cut
         self.record_dtype = reinforcement_dtype(self.recipe)
         self.topk_dtype = topk_dtype(self.recipe)
         self.params_size = self.recipe.num_samples * self.record_dtype.itemsize
@@ -152,6 +154,12 @@ class BetonFile:
         return {'index': int(index), 'sample': int(sample), 'label': self.label(index),
                 'params': params,
                 'topk': [[int(top['cls'][k]), round(float(top['prob'][k]), 6)] for k in order]}
+
+
+def metadata_crc(metadata: np.ndarray) -> int:
+    """CRC32 of FFCV's per-sample metadata table, which holds each field's
+    block address, size and CRC: it tells one file (or one write) from another."""
+    return zlib.crc32(np.ascontiguousarray(metadata).view(np.uint8))
 
 
 def _describe_view(rec, prefix, recipe) -> dict:

@@ -87,12 +87,14 @@ def _info(args):
         'prob_bytes_per_reinforcement': f.topk_dtype.itemsize,
         'bytes_per_reinforcement': f.record_dtype.itemsize + f.topk_dtype.itemsize,
         'teachers': f.teachers and [dataclasses.asdict(t) for t in f.teachers],
+        'cut_from': f.cut_from and dataclasses.asdict(f.cut_from),
     }
     if args.json:
         print(json.dumps(info))
         return
     info['teachers'] = describe_teachers(
         f.teachers, 'unknown (not recorded: made before ffcv-dr kept the record, or from ml-dr)')
+    info['cut_from'] = f.cut_from.describe() if f.cut_from else 'not cut from another file'
     for key, value in info.items():
         print(f'{key:32s} {value}')
 
@@ -149,6 +151,14 @@ def _relabel(args):
               f"relabelled, top-{r.topk} of {r.num_classes} classes ({_rate(result)})")
         print(f"  labels were by: {describe_teachers(result['replaced'])}")
         print(f"  labels now by:  {describe_teachers(result['teachers'])}")
+
+
+def _subset(args):
+    from .subset import subset
+    result = subset(args.input, args.output, args.samples, args.topk, args.images, args.workers)
+    r = result['recipe']
+    print(f"wrote {args.output}: {result['images']} images x {r.num_samples} reinforcements, "
+          f"top-{r.topk}, cut from {result['cut_from'].describe()}")
 
 
 def _rate(result) -> str:
@@ -374,6 +384,22 @@ def _relabel_parser(sub):
     p.set_defaults(run=_relabel)
 
 
+def _subset_parser(sub):
+    p = sub.add_parser('subset', help='cut a .beton to fewer reinforcements, a smaller top-k, some images',
+                       description='Write OUT with reinforcements 0..N-1 of each image of IN and the K '
+                       'most probable classes of each stored top-k (ImageNet+-Small: --samples 100 '
+                       '--topk 5 of ImageNet+), optionally only the images listed in a file; images '
+                       'and records are copied, nothing is decoded. OUT records what it was cut from '
+                       '(ffcv-dr info shows it).')
+    p.add_argument('input', help='the ffcv-dr .beton to cut')
+    p.add_argument('output', help='the .beton to write (written only when complete)')
+    p.add_argument('--samples', type=_int(1), required=True, help='reinforcements per image to keep')
+    p.add_argument('--topk', type=_int(1), required=True, help='most probable classes to keep')
+    p.add_argument('--images', help='a file of image indices of IN to keep (whitespace or commas)')
+    p.add_argument('--workers', type=_int(1), default=None, help='writer processes (default: all cores)')
+    p.set_defaults(run=_subset)
+
+
 def _train_parser(sub):
     p = sub.add_parser('train', help='train a student (timm or bundled) on a .beton (erm, dr or kd)',
                        description='Train a timm (or bundled) model from an ffcv-dr .beton: ground-truth '
@@ -447,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         'Train on reinforced datasets (Dataset Reinforcement) with FFCV.'))
     sub = parser.add_subparsers(dest='command', required=True)
     for add in (_convert_parser, _replay_parser, _info_parser, _quickstart_parser, _reinforce_parser,
-                _relabel_parser, _train_parser, _verify_parser, _inspect_parser, _demo_parser,
+                _relabel_parser, _subset_parser, _train_parser, _verify_parser, _inspect_parser, _demo_parser,
                 _bench_parser):
         add(sub)
     return parser

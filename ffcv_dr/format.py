@@ -130,6 +130,17 @@ TEACHERS_DTYPE = np.dtype([
 TEACHERS_AT = 64   # byte offset in the target field's arguments, after the recipe
 
 
+CUT_DTYPE = np.dtype([          # what an ``ffcv-dr subset`` file was cut from
+    ('name', 'S128'),           # the input file's name (UTF-8, cut to 128 bytes)
+    ('num_samples', '<u4'),     # its reinforcements per image
+    ('topk', '<u2'),            # its top-k
+    ('images', '<u8'),          # its images
+    ('metadata_crc32', '<u4'),  # CRC32 of its FFCV metadata table: which file exactly
+    ('crc32', '<u4'),           # of all the bytes before it
+])
+CUT_AT = 64   # byte offset in the image field's arguments, after the recipe (zeros: not cut)
+
+
 # float16 -> float32 for every bit pattern (numba has no float16 on the CPU), to read top-k records.
 HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
@@ -296,6 +307,51 @@ def teachers_to_binary(teachers, binary) -> None:
         row['weight'] = t.weight
     arr['crc32'] = _teachers_crc(arr)
     binary[0][TEACHERS_AT:TEACHERS_AT + TEACHERS_DTYPE.itemsize] = arr.reshape(1).view('<u1')
+
+
+@dataclass(frozen=True)
+class CutFrom:
+    """The file an ``ffcv-dr subset`` output was cut from."""
+    name: str
+    num_samples: int
+    topk: int
+    images: int
+    metadata_crc32: int
+
+    def describe(self) -> str:
+        return (f'{self.name} ({self.num_samples} reinforcements per image, top-{self.topk}, '
+                f'{self.images} images; metadata CRC32 {self.metadata_crc32:08x})')
+
+
+def cut_to_binary(cut: CutFrom, binary) -> None:
+    """Write ``cut`` into an image field's argument block."""
+    arr = np.zeros((), CUT_DTYPE)
+    name = cut.name.encode()[:CUT_DTYPE['name'].itemsize].decode(errors='ignore')
+    if not name.isprintable():
+        raise ValueError(f'file name {cut.name!r}: holds control characters')
+    arr['name'] = name.encode()
+    for key in ('num_samples', 'topk', 'images', 'metadata_crc32'):
+        arr[key] = getattr(cut, key)
+    arr['crc32'] = zlib.crc32(arr.reshape(1).view('<u1')[:-4].tobytes())
+    binary[0][CUT_AT:CUT_AT + CUT_DTYPE.itemsize] = arr.reshape(1).view('<u1')
+
+
+def cut_from_binary(binary):
+    """The :class:`CutFrom` recorded in an image field's argument block, None
+    where there is none; a ValueError for a record that is damaged."""
+    raw = np.asarray(binary).view('<u1').reshape(-1)[CUT_AT:CUT_AT + CUT_DTYPE.itemsize]
+    if not raw.any():
+        return None
+    arr = raw.copy().view(CUT_DTYPE)[0]
+    try:
+        name = bytes(arr['name']).decode()
+    except UnicodeDecodeError:
+        name = None
+    if (zlib.crc32(raw[:-4].tobytes()) != arr['crc32'] or name is None or not name.isprintable()
+            or not arr['num_samples'] or not arr['topk']):
+        raise ValueError('the record of the file this one was cut from is damaged')
+    return CutFrom(name, int(arr['num_samples']), int(arr['topk']), int(arr['images']),
+                   int(arr['metadata_crc32']))
 
 
 def teachers_from_binary(binary):

@@ -35,6 +35,7 @@ from .jobs import JobError, digest
 from .render import fresh_settings, pair_index, render, render_layout, temp_size
 from .rules import describe, first_problem, magnitude_limits
 from .teachers import load_teacher
+from .writer import BetonImages
 
 COMBINE = ('replace', 'mean')
 UNKNOWN = TeacherEntry('', '', 1.0)   # the teachers of a file without their record
@@ -53,31 +54,6 @@ class Settings:
     densify: str
     chunk: int
     batch_size: int
-
-
-class BetonImages:
-    """The images of an ffcv-dr file, as ``write_beton`` copies them: the
-    stored bytes unchanged."""
-
-    def __init__(self, f: BetonFile):
-        self.f = f
-        self.labels = f.target_meta['label'].astype(np.int64)
-        self.indices = np.arange(len(f))
-        self.orig_sizes = f.orig_sizes[:, ::-1].copy()   # (width, height)
-
-    def name(self, i) -> str:
-        return f'{self.f.path} (sample {i})'
-
-    def stored(self, i) -> tuple:
-        """(payload, stored width, stored height, mode) of image i."""
-        meta = self.f.image_meta[i]
-        return self.f.payload(i), int(meta['width']), int(meta['height']), int(meta['mode'])
-
-    def payload_bytes(self) -> int:
-        return self.f.image_bytes()
-
-    def summary(self) -> dict:
-        return {}
 
 
 def grown_teachers(stored, entries, weight: float) -> tuple:

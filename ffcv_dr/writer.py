@@ -66,6 +66,32 @@ class FolderImages:
                 're_encoded': int(sum(not p[2] for p in self.probes)) if original else len(self.probes)}
 
 
+class BetonImages:
+    """The images of an ffcv-dr file (those at ``indices``, or all), as
+    ``write_beton`` copies them: the stored bytes unchanged (relabel, subset)."""
+
+    def __init__(self, f, indices=None):
+        self.f = f
+        self.indices = np.arange(len(f)) if indices is None else np.asarray(indices, np.int64)
+        self.labels = f.target_meta['label'][self.indices].astype(np.int64)
+        self.orig_sizes = f.orig_sizes[self.indices, ::-1].copy()   # (width, height)
+
+    def name(self, i) -> str:
+        return f'{self.f.path} (sample {int(self.indices[i])})'
+
+    def stored(self, i) -> tuple:
+        """(payload, stored width, stored height, mode) of the i-th image kept."""
+        k = int(self.indices[i])
+        meta = self.f.image_meta[k]
+        return self.f.payload(k), int(meta['width']), int(meta['height']), int(meta['mode'])
+
+    def payload_bytes(self) -> int:
+        return int(self.f.image_block_sizes()[self.indices].sum()) - len(self.indices) * self.f.params_size
+
+    def summary(self) -> dict:
+        return {}
+
+
 class _Samples:
     """What FFCV's writer workers index. A worker that raises makes FFCV's writer
     wait forever, so failures are sent to the main process (a queue, not a
@@ -238,16 +264,17 @@ def _check_free_space(output, scratch, images, recipe, num_workers):
     return int(need)
 
 
-def write_beton(output, images, source, scratch, num_workers, teachers=None):
+def write_beton(output, images, source, scratch, num_workers, teachers=None, cut_from=None):
     """Write the .beton under ``scratch`` and move it to ``output`` once complete.
     ``images`` (:class:`FolderImages`, or relabel's input file) gives each
     image's label and stored pixels, ``source.get(i)`` its (reinforcement
     records, top-k records); ``teachers``: the :class:`ffcv_dr.format.TeacherEntry`
-    tuple of who made the top-k, recorded in the file (None: unknown)."""
+    tuple of who made the top-k, recorded in the file (None: unknown);
+    ``cut_from``: the :class:`ffcv_dr.format.CutFrom` of a subset."""
     tmp_output = os.path.join(scratch, os.path.basename(output))
     recipe = source.recipe
     need = _check_free_space(output, scratch, images, recipe, num_workers)
-    writer = _Writer(tmp_output, {'image': ReinforcedImageField(recipe),
+    writer = _Writer(tmp_output, {'image': ReinforcedImageField(recipe, cut_from),
                                   'target': SoftTargetField(recipe, teachers),
                                   'label': IntField()}, num_workers=num_workers)
     samples = _Samples(images, source, output)

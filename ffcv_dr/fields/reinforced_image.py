@@ -13,7 +13,8 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 
 from ..file_reads import open_for_reads, read_payload
-from ..format import IMAGE_METADATA, Recipe, block_crc, reinforcement_dtype
+from ..format import (IMAGE_METADATA, Recipe, block_crc, cut_from_binary, cut_to_binary,
+                      reinforcement_dtype)
 from ..render import fresh_settings, pair_index, render, render_layout, temp_size
 from ..rules import magnitude_limits, replayable
 from ..replay_clock import IMAGE_SIZE, TARGET_PTR, ReplayClock, choose, read_epoch, sample_table
@@ -26,11 +27,12 @@ class ReinforcedImageField(Field):
     records)``: the JPEG bytes or raw RGB pixels as a uint8 array, the
     original size (the pixel space of the stored boxes), the stored size,
     ``STORED_JPEG`` or ``STORED_RAW``, and a structured array of
-    ``reinforcement_dtype(recipe)`` with one row per reinforcement.
+    ``reinforcement_dtype(recipe)`` with one row per reinforcement. ``cut``:
+    the :class:`ffcv_dr.format.CutFrom` of a file ``ffcv-dr subset`` wrote.
     """
 
-    def __init__(self, recipe: Recipe):
-        self.recipe = recipe
+    def __init__(self, recipe: Recipe, cut=None):
+        self.recipe, self.cut = recipe, cut
         self.record_dtype = reinforcement_dtype(recipe)
 
     @property
@@ -39,10 +41,13 @@ class ReinforcedImageField(Field):
 
     @staticmethod
     def from_binary(binary) -> 'ReinforcedImageField':
-        return ReinforcedImageField(Recipe.from_binary(binary))
+        return ReinforcedImageField(Recipe.from_binary(binary), cut_from_binary(binary))
 
     def to_binary(self):
-        return self.recipe.to_binary()
+        out = self.recipe.to_binary()
+        if self.cut:
+            cut_to_binary(self.cut, out)
+        return out
 
     def encode(self, destination, value, malloc):
         payload, orig_w, orig_h, width, height, mode, records = value

@@ -13,7 +13,7 @@ from ffcv.loader import OrderOption
 from ffcv.pipeline import PipelineSpec
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-from ..beton import BetonFile
+from ..beton import BetonFile, metadata_crc
 from ..file_reads import open_for_reads
 from ..page_order import QuasiRandomPages
 from . import arguments, resume
@@ -186,7 +186,7 @@ class Loader(ffcv.loader.Loader):
 
     def _valid_for(self) -> dict:
         if 'file_crc' not in self._identity:
-            self._identity['file_crc'] = resume.file_crc(self.reader.metadata)
+            self._identity['file_crc'] = metadata_crc(self.reader.metadata)
         return self._identity
 
     def set_output_size(self, output_size: Tuple[int, int]):

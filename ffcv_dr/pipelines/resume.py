@@ -30,7 +30,7 @@ FORMAT = 'ffcv-dr loader state 1'
 def identity(source: str, num_samples: int, indices, distributed: bool, *, seed, p,
              order, batch_size, drop_last, densify) -> dict:
     """What a state is valid for, apart from the file's metadata CRC (taken
-    when first needed: :func:`file_crc`)."""
+    when first needed: :func:`ffcv_dr.beton.metadata_crc`)."""
     rank = world = None
     if distributed:
         import torch.distributed as dist
@@ -40,12 +40,6 @@ def identity(source: str, num_samples: int, indices, distributed: bool, *, seed,
             [len(indices), zlib.crc32(np.ascontiguousarray(indices, np.int64).view(np.uint8))],
             'seed': int(seed), 'p': float(p), 'order': order.name, 'batch_size': int(batch_size),
             'drop_last': bool(drop_last), 'densify': densify, 'rank': rank, 'world_size': world}
-
-
-def file_crc(metadata: np.ndarray) -> int:
-    """CRC32 of FFCV's per-sample metadata table: each field's block address,
-    size and CRC, so any other file (or a rewritten one) differs."""
-    return zlib.crc32(np.ascontiguousarray(metadata).view(np.uint8))
 
 
 def check(state, expected: dict, path: str):
