@@ -31,8 +31,10 @@
  * out (row stride 3 * the decoded width). The columns are widened by an iMCU
  * and to iMCU boundaries: geometry[0]
  * receives the first decoded column and geometry[1] the decoded width.
- * Returns 0, or -1 when the JPEG is corrupt or the region does not fit. */
-static int decode_region(const uint8_t *jpeg, uint64_t size, uint32_t denom,
+ * Returns 0, or -1 when the JPEG is corrupt, is not image_width x
+ * image_height (unless those are 0) or the region does not fit. */
+static int decode_region(const uint8_t *jpeg, uint64_t size, uint32_t image_width,
+                  uint32_t image_height, uint32_t denom,
                   uint32_t top, uint32_t height, uint32_t left, uint32_t width,
                   uint8_t *out, uint64_t out_size, uint32_t *geometry) {
     struct jpeg_decompress_struct cinfo;
@@ -46,6 +48,10 @@ static int decode_region(const uint8_t *jpeg, uint64_t size, uint32_t denom,
     jpeg_create_decompress(&cinfo);
     jpeg_mem_src(&cinfo, jpeg, (unsigned long)size);
     jpeg_read_header(&cinfo, TRUE);
+    if (image_width && (cinfo.image_width != image_width || cinfo.image_height != image_height)) {
+        jpeg_destroy_decompress(&cinfo);   /* the file's metadata says otherwise: damage */
+        return -1;
+    }
     cinfo.out_color_space = JCS_RGB;
     cinfo.scale_num = 1;
     cinfo.scale_denom = denom;
@@ -243,14 +249,18 @@ done:
  * A seekable JPEG is cut to the intervals the region needs, with one MCU of
  * margin on each inner side (the pixels returned are those of a full
  * decode); any other JPEG, or one whose markers do not check out, is decoded
- * as it is. Returns 0, or -1 when the JPEG is corrupt or the region does not
- * fit. */
-int ffcv_dr_decode_region(const uint8_t *jpeg, uint64_t size, uint32_t denom,
+ * as it is. Returns 0, or -1 when the JPEG is corrupt, is not image_width x
+ * image_height as the file's metadata says (unless those are 0), or the
+ * region does not fit. */
+int ffcv_dr_decode_region(const uint8_t *jpeg, uint64_t size, uint32_t image_width,
+                          uint32_t image_height, uint32_t denom,
                           uint32_t top, uint32_t height, uint32_t left, uint32_t width,
                           uint8_t *out, uint64_t out_size, uint32_t *geometry) {
     struct layout l;
     if (height > 0 && width > 0 && (denom == 1 || denom == 2 || denom == 4 || denom == 8) &&
         read_layout(jpeg, size, &l) == 0) {
+        if (image_width && (l.width != image_width || l.height != image_height))
+            return -1;
         uint32_t sw = l.mcu_w / denom, sh = l.mcu_h / denom;
         uint32_t c_first = left / sw, c_last = (left + width - 1) / sw;
         uint32_t r_first = top / sh, r_last = (top + height - 1) / sh;
@@ -268,8 +278,8 @@ int ffcv_dr_decode_region(const uint8_t *jpeg, uint64_t size, uint32_t denom,
                 uint8_t *piece = cut(jpeg, size, &l, w, h, r0, r1, c0, c1, &n);
                 if (piece != NULL) {
                     uint32_t dx = c0 * sw, dy = r0 * sh;
-                    int status = decode_region(piece, n, denom, top - dy, height, left - dx, width,
-                                               out, out_size, geometry);
+                    int status = decode_region(piece, n, 0, 0, denom, top - dy, height, left - dx,
+                                               width, out, out_size, geometry);
                     free(piece);
                     if (status == 0) {
                         geometry[0] += dx;
@@ -279,7 +289,8 @@ int ffcv_dr_decode_region(const uint8_t *jpeg, uint64_t size, uint32_t denom,
             }
         }
     }
-    return decode_region(jpeg, size, denom, top, height, left, width, out, out_size, geometry);
+    return decode_region(jpeg, size, image_width, image_height, denom, top, height, left, width, out,
+                         out_size, geometry);
 }
 
 /* Rewrite a JPEG losslessly, from its DCT coefficients, as a baseline JPEG

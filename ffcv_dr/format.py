@@ -78,6 +78,7 @@ FORMAT_VERSION = 5   # 2: CRC32s cover the metadata fields and the top-k block t
 FLIP, HAS_RA, HAS_ERASE = 1, 2, 4
 HAS_PAIR, HAS_MIXUP, HAS_CUTMIX = 1, 2, 4
 STORED_JPEG, STORED_RAW = 0, 1
+MAX_SIDE = 65535   # pixels a side of an original image: crop boxes are u16 in its pixels
 
 RA_OPS = ('Identity', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate',
           'Brightness', 'Color', 'Contrast', 'Sharpness', 'Posterize',

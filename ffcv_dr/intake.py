@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from .format import MAX_SIDE
 from .jobs import ConvertError, regular_file
 from .jpeg import check_jpeg, jpeg_header
 from .mldr import ImageSizes
@@ -132,8 +133,9 @@ def probe_images(images: ImageList, max_resolution, num_workers, skip_bad: bool 
         if pool:
             pool.terminate()
     for path, probe in zip(images.paths, probes):
-        if probe and max(probe[:2]) > 65535 and not max_resolution:
-            raise ConvertError(f'{path}: {probe[0]}x{probe[1]} is too large to store; pass --max-resolution')
+        if probe and max(probe[:2]) > MAX_SIDE:
+            raise ConvertError(f'{path}: {probe[0]}x{probe[1]} is larger than the {MAX_SIDE} pixels a side '
+                               'that crop boxes address; shrink it before converting')
     return probes
 
 

@@ -23,7 +23,7 @@ for _library in (_jpeg.__file__, _resize.__file__):
     llvm.load_library_permanently(_library)
 _ptr, _u32 = types.uint64, types.uint32   # pointers pass as 64-bit integers (same ABI)
 _decode_region = types.ExternalFunction('ffcv_dr_decode_region', types.int32(
-    _ptr, types.uint64, _u32, _u32, _u32, _u32, _u32, _ptr, types.uint64, _ptr))
+    _ptr, types.uint64, _u32, _u32, _u32, _u32, _u32, _u32, _u32, _ptr, types.uint64, _ptr))
 _resize_crop = types.ExternalFunction('ffcv_dr_resize_crop', types.int32(
     _ptr, _u32, _u32, _u32, _u32, _u32, _u32, _ptr, _u32, _u32))
 _check_jpeg = ctypes.CDLL(_jpeg.__file__).ffcv_dr_check_jpeg
@@ -37,7 +37,7 @@ _splice_restarts.restype = ctypes.c_int64
 _splice_restarts.argtypes = _add_restarts.argtypes
 TOO_SMALL, NOT_SPLICED = -2, -3   # what the two return besides a size
 _decode_region_c = ctypes.CDLL(_jpeg.__file__).ffcv_dr_decode_region
-_decode_region_c.argtypes = [ctypes.c_void_p, ctypes.c_uint64] + 5 * [ctypes.c_uint32] + [
+_decode_region_c.argtypes = [ctypes.c_void_p, ctypes.c_uint64] + 7 * [ctypes.c_uint32] + [
     ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p]
 _seekable = ctypes.CDLL(_jpeg.__file__).ffcv_dr_seekable
 _seekable.restype = ctypes.c_int
@@ -75,7 +75,7 @@ def decode_region(data: np.ndarray, denom: int, top: int, height: int, left: int
     scaled by 1/denom, as the kernels decode them (HWC RGB)."""
     geometry = np.zeros(2, np.uint32)
     buf = np.zeros(height * (-(-jpeg_header(data.tobytes())[0] // denom)) * 3, np.uint8)
-    if _decode_region_c(data.ctypes.data, data.size, denom, top, height, left, width,
+    if _decode_region_c(data.ctypes.data, data.size, 0, 0, denom, top, height, left, width,
                         buf.ctypes.data, buf.size, geometry.ctypes.data) != 0:
         raise ValueError('libjpeg could not decode the region')
     x0, w = int(geometry[0]), int(geometry[1])
@@ -121,7 +121,7 @@ def dct_scale(crop_h, crop_w, out_h, out_w):
 def decode_crop_resize(jpeg, img_h, img_w, top, left, h, w, out):
     """out <- the box (top, left, h, w) of the JPEG (an img_h x img_w image)
     resized to out's shape. Returns False, leaving ``out`` black, when the
-    JPEG cannot be decoded.
+    JPEG cannot be decoded or is not img_h x img_w (the file's metadata lies).
 
     The decoded rows go to a buffer allocated here, sized for this crop:
     malloc hands the same memory back call after call, whereas a buffer in
@@ -136,7 +136,7 @@ def decode_crop_resize(jpeg, img_h, img_w, top, left, h, w, out):
     c1 = min((left + w + d - 1) // d, sw)
     geometry = np.empty(2, np.uint32)
     buf = np.empty((r1 - r0) * sw * 3, np.uint8)
-    status = _decode_region(jpeg.ctypes.data, jpeg.size, d, r0, r1 - r0, c0, c1 - c0,
+    status = _decode_region(jpeg.ctypes.data, jpeg.size, img_w, img_h, d, r0, r1 - r0, c0, c1 - c0,
                             buf.ctypes.data, buf.size, geometry.ctypes.data)
     if status != 0:
         out[:] = 0

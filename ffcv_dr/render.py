@@ -78,14 +78,16 @@ def pair_index(block, j, layout):
 @nb.njit(nogil=True, fastmath=False, cache=True)
 def render_stored(block, meta, rec, view, layout, scratch, out):
     """Crop (decoding what a JPEG needs) and resize one stored view into
-    ``out``, then replay the rest."""
+    ``out``, then replay the rest. False where the stored image cannot be
+    decoded as its metadata describes it (``out`` then starts black)."""
     height, width = np.int64(meta['height']), np.int64(meta['width'])
     top, left, h, w = scale_box(
         read_u16(rec, view.crop), read_u16(rec, view.crop + 2),
         read_u16(rec, view.crop + 4), read_u16(rec, view.crop + 6),
         meta['orig_height'], meta['orig_width'], height, width)
-    crop_resize(block[layout.params_size:], meta['mode'], height, width, top, left, h, w, out)
+    ok = crop_resize(block[layout.params_size:], meta['mode'], height, width, top, left, h, w, out)
     replay_view(out, rec, view, layout, scratch)
+    return ok
 
 
 @nb.njit(nogil=True, fastmath=False, cache=True)
@@ -173,7 +175,7 @@ def render_fresh(block, meta, seed, epoch, index, layout, fresh, scratch, out):
     rec = np.zeros(layout.record_size, np.uint8)
     draw_view(rec, layout.own, layout, fresh, np.int64(meta['orig_height']), np.int64(meta['orig_width']),
               seed, epoch, index)
-    render_stored(block, meta, rec, layout.own, layout, scratch, out)
+    return render_stored(block, meta, rec, layout.own, layout, scratch, out)
 
 
 @nb.njit(nogil=True, fastmath=False, cache=True)
@@ -184,19 +186,20 @@ def render(block, meta, pair_block, pair_meta, j, seed, epoch, index, temp, out,
     Writes reinforcement ``j`` of the image in ``block`` (a fresh augmentation
     drawn from (seed, epoch, index) when j < 0) into ``out``; ``pair_block``
     and ``pair_meta`` are those of :func:`pair_index`'s image (any image when
-    there is none). ``temp`` holds :func:`temp_size` bytes. It lives at module
+    there is none). ``temp`` holds :func:`temp_size` bytes. Returns False
+    where an image could not be decoded as its metadata says. It lives at module
     level, so every loader shares one compiled copy (which is why
     ``ffcv_patches`` must keep FFCV from mutating numba's interned array types).
     """
     n = out.size
     scratch = temp[:n].reshape(out.shape)
     if j < 0:
-        render_fresh(block, meta, seed, epoch, index, layout, fresh, scratch, out)
-        return
+        return render_fresh(block, meta, seed, epoch, index, layout, fresh, scratch, out)
     rec = block[j * layout.record_size:(j + 1) * layout.record_size]
-    render_stored(block, meta, rec, layout.own, layout, scratch, out)
+    ok = render_stored(block, meta, rec, layout.own, layout, scratch, out)
     if pair_index(block, j, layout) < 0:
-        return
+        return ok
     paired = temp[n:2 * n].reshape(out.shape)
-    render_stored(pair_block, pair_meta, rec, layout.paired, layout, scratch, paired)
+    ok_pair = render_stored(pair_block, pair_meta, rec, layout.paired, layout, scratch, paired)
     replay_mixing(out, paired, rec, layout)
+    return ok and ok_pair

@@ -136,8 +136,9 @@ class ReplayClock:
         if len(found) > self._reported:
             import warnings
             warnings.warn(f'{self.path}: {len(found)} samples (first: sample {found[0]}) hold damaged '
-                          'records (run ffcv-dr verify); they are trained on fresh augmentations '
-                          'with their labels instead', RuntimeWarning, stacklevel=3)
+                          'records or images (run ffcv-dr verify); a damaged record is trained on '
+                          'as a fresh augmentation with its label, a damaged image comes out black',
+                          RuntimeWarning, stacklevel=3)
             self._reported = len(found)
 
     @property

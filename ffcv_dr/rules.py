@@ -18,7 +18,7 @@ import numba as nb
 import numpy as np
 
 from .format import (FLIP, HALF_TO_FLOAT, HAS_CUTMIX, HAS_ERASE, HAS_MIXUP, HAS_PAIR, HAS_RA,
-                     STORED_JPEG, STORED_RAW, topk_block_size)
+                     MAX_SIDE, STORED_JPEG, STORED_RAW, topk_block_size)
 from .record_bytes import read_u16
 from .replay_clock import DAMAGED, ORIG_H, ORIG_W
 
@@ -85,6 +85,16 @@ def file_problems(f) -> tuple:
     bad('image size', (width < 1) | (height < 1) | (im['orig_width'] < 1) | (im['orig_height'] < 1),
         lambda i: f'image field: stored {width[i]}x{height[i]}, original '
                   f'{im[i]["orig_width"]}x{im[i]["orig_height"]}: sizes must be at least 1')
+    ow, oh = im['orig_width'].astype(np.int64), im['orig_height'].astype(np.int64)
+    sized = (width >= 1) & (height >= 1) & (ow >= 1) & (oh >= 1)
+    bad('image size', sized & ((ow > MAX_SIDE) | (oh > MAX_SIDE)),
+        lambda i: f'image field: original size {ow[i]}x{oh[i]} is beyond the {MAX_SIDE} pixels a side '
+                  'that stored crops address')
+    # stored as it is, or shrunk keeping its aspect ratio (FFCV's resizer rounds each side down)
+    kept = (width <= ow) & (height <= oh) & (np.abs(width * oh - height * ow) < np.maximum(ow, oh))
+    bad('image size', sized & (ow <= MAX_SIDE) & (oh <= MAX_SIDE) & ~kept,
+        lambda i: f'image field: stored {width[i]}x{height[i]} is neither the original {ow[i]}x{oh[i]} '
+                  'nor a shrink of it')
     bad('storage mode', (im['mode'] != STORED_JPEG) & (im['mode'] != STORED_RAW),
         lambda i: f'image field: unknown storage mode {im[i]["mode"]}')
     payload = image_size - f.params_size

@@ -91,6 +91,18 @@ def _records(field, value, dtype, samples):
     return make
 
 
+def _stored_size(make_size, sample=3):
+    """The stored width and height of ``sample`` replaced by ``make_size(width, height)``."""
+    def make(path):
+        from ffcv_dr.beton import BetonFile
+        meta = BetonFile(path).image_meta[sample]
+        width, height = make_size(int(meta['width']), int(meta['height']))
+        assert (width, height) != (meta['width'], meta['height'])
+        return [(_metadata_offset(path, 'image', 'width', sample), np.uint16(width).tobytes()),
+                (_metadata_offset(path, 'image', 'height', sample), np.uint16(height).tobytes())], None, None
+    return make
+
+
 def _header(name, value, dtype):
     def make(path):
         from ffcv.types import HeaderType
@@ -127,6 +139,17 @@ CRASH_CLASSES = [
     ('recipe size no GPU could hold', 0, _both('size', 65535, '<u2'), True),
     ('another format version', 0, _both('version', 4, '<u2'), True),
 ]
+# storage metadata that lies about the image (issue 27): refused when opened, or damage
+STORAGE_LIES = [
+    ('stored width and height swapped', 0, [_stored_size(lambda w, h: (h, w))], True),
+    ('original width 2^32-1', 0, [_meta('image', 'orig_width', 2 ** 32 - 1, '<u4')], True),
+    ('original size 2^32-1 by 2^32-1', 0, [_meta('image', 'orig_width', 2 ** 32 - 1, '<u4'),
+                                           _meta('image', 'orig_height', 2 ** 32 - 1, '<u4')], True),
+    ('stored larger than the original', 0, [_stored_size(lambda w, h: (w + 1, h + 1))], True),
+    ('a JPEG said to be half its size', 0, [_stored_size(lambda w, h: (w // 2, h // 2))], False),
+    ('raw mode for a JPEG', 0, [_meta('image', 'mode', 1, 'u1')], True),
+]
+CRASH_CLASSES += STORAGE_LIES
 
 
 def test_crash_classes(files, tmp_path):
@@ -162,6 +185,10 @@ def test_crash_classes(files, tmp_path):
     for name in ('empty file', 'plain FFCV file', 'plain FFCV file (load)'):
         assert results[name]['status'] == 'refused', (name, results[name])
     assert results['class count below the stored class ids (load)']['damaged']  # found, and replaced
+    assert results['a JPEG said to be half its size (load)']['damaged'] == [3]   # not a wrong crop
+    for k, (name, _, _, _) in enumerate(CRASH_CLASSES):   # verify sees every lie too
+        if name in {c[0] for c in STORAGE_LIES}:
+            assert not verify(str(tmp_path / f'{k}.beton')).ok, name
     damaged = set(results[f'{RECORDS} (load)']['damaged'])
     assert {20, 40} <= damaged <= set(range(60)) and damaged & set(range(20)), str(sorted(damaged))
 

@@ -17,7 +17,7 @@ from ..format import (IMAGE_METADATA, Recipe, block_crc, cut_from_binary, cut_to
                       reinforcement_dtype)
 from ..render import fresh_settings, pair_index, render, render_layout, temp_size
 from ..rules import magnitude_limits, replayable
-from ..replay_clock import IMAGE_SIZE, TARGET_PTR, ReplayClock, choose, read_epoch, sample_table
+from ..replay_clock import DAMAGED, IMAGE_SIZE, TARGET_PTR, ReplayClock, choose, read_epoch, sample_table
 
 
 class ReinforcedImageField(Field):
@@ -83,7 +83,8 @@ class ReinforcedImageDecoder(Operation):
     stored ones were (the recipe's scale, ratio, RandAugment magnitude and
     erasing probability). So does a sample whose record or top-k
     :func:`ffcv_dr.rules.sample_problem` finds damaged; the clock, bound to
-    the file, keeps count.
+    the file, keeps count, of those and of images that do not decode as
+    their metadata says (which come out black).
     """
 
     def __init__(self, output_size: Optional[Tuple[int, int]] = None,
@@ -146,8 +147,9 @@ class ReinforcedImageDecoder(Operation):
                                                   layout.params_size)
                     else:
                         pair_block = mem_read(pair_meta['data_ptr'], storage_state)
-                render(block, meta, pair_block, pair_meta, j, seed, epoch, index,
-                       temp_storage[dst_ix], destination[dst_ix], layout, fresh)
+                if not render(block, meta, pair_block, pair_meta, j, seed, epoch, index,
+                              temp_storage[dst_ix], destination[dst_ix], layout, fresh):
+                    table[index, DAMAGED] = 1   # an image that is not what its metadata says
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
