@@ -243,6 +243,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state['ema'])
         torch.set_rng_state(state['rng'])
+        if state.get('cuda_rng') is not None and self.device.type == 'cuda':
+            torch.cuda.set_rng_state(state['cuda_rng'], self.device)
         self.in_epoch = state.get('in_epoch')
         if self.in_epoch:  # every rank stands at rank 0's batch
             self.in_epoch['loader']['rank'] = self.train_loader.state_dict()['rank']
@@ -261,6 +263,7 @@ class Trainer:
             return
         state = {'model': self.model.net.state_dict(), 'opt': self.opt.state_dict(),
                  'scaler': self.scaler.state_dict(), 'epoch': epoch, 'rng': torch.get_rng_state(),
+                 'cuda_rng': torch.cuda.get_rng_state(self.device) if self.device.type == 'cuda' else None,
                  'ema': self.ema.state_dict() if self.ema is not None else None, 'in_epoch': in_epoch}
         torch.save(state, self.checkpoint + '.tmp')
         os.replace(self.checkpoint + '.tmp', self.checkpoint)
