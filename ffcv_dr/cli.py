@@ -10,6 +10,7 @@ import sys
 
 from .format import (DEFAULT_CUTMIX, DEFAULT_ERASE_P, DEFAULT_MIXUP, DEFAULT_RA_MAGNITUDE, DEFAULT_RA_OPS,
                      DEFAULT_RATIO, DEFAULT_SCALE, RECIPES, describe_teachers)
+from .jobs import printable
 
 
 def _storage(args):
@@ -35,7 +36,7 @@ def _report_skipped(result):
         print(f"{result['images'] + len(result['skipped'])} images found, {result['images']} written, "
               f"{len(result['skipped'])} skipped as unreadable:")
         for path in result['skipped']:
-            print(f'  {path}')
+            print(f'  {printable(path)}')
 
 
 def _replay(args):
@@ -96,7 +97,7 @@ def _info(args):
         f.teachers, 'unknown (not recorded: made before ffcv-dr kept the record, or from ml-dr)')
     info['cut_from'] = f.cut_from.describe() if f.cut_from else 'not cut from another file'
     for key, value in info.items():
-        print(f'{key:32s} {value}')
+        print(f'{key:32s} {printable(value)}')
 
 
 def _quickstart(args):
@@ -486,7 +487,7 @@ def main(argv=None):
         with clean_up_on_sigterm():
             return args.run(args) or 0
     except (ConvertError, JobError, ValueError, OSError) as e:
-        print(f'ffcv-dr {args.command}: error: {e}', file=sys.stderr)
+        print(f'ffcv-dr {args.command}: error: {printable(e)}', file=sys.stderr)
         return 1
 
 

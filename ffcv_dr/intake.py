@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .format import MAX_SIDE
-from .jobs import ConvertError, regular_file
+from .jobs import ConvertError, printable, regular_file
 from .jpeg import check_jpeg, jpeg_header
 from .mldr import ImageSizes
 
@@ -127,7 +127,7 @@ def probe_images(images: ImageList, max_resolution, num_workers, skip_bad: bool 
             if error and not skip_bad:
                 raise ConvertError(error)
             if error:
-                tqdm.write(f'skipping {error}')
+                tqdm.write(f'skipping {printable(error)}')
             probes.append(probe)
     finally:
         if pool:

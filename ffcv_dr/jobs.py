@@ -188,6 +188,13 @@ def images_digest(root: str, paths, labels) -> str:
     return h.hexdigest()
 
 
+def printable(text) -> str:
+    """``text`` with every control or other unprintable character escaped as
+    Python writes it (``\\n``, ``\\x1b``): names come from files and folders,
+    and a raw escape sequence would reach the terminal."""
+    return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def changed(stored: dict, current: dict) -> list:
     """The keys whose values differ between two fingerprints."""
     return sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))

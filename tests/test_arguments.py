@@ -199,3 +199,26 @@ def test_teacher_names_with_control_characters_are_damage(randaug_beton, tmp_pat
             BetonFile(path)
     else:
         assert [t.name for t in BetonFile(path).teachers] == [name.decode()]
+
+
+def test_names_from_files_are_printed_with_control_characters_escaped(randaug_beton, tmp_path,
+                                                                      capsys):
+    """File and folder names reach the terminal in errors, skip reports and
+    info: an escape sequence, a newline or a carriage return in one is shown
+    escaped, never raw."""
+    import shutil
+    from ffcv_dr.cli import main
+    from conftest import IMAGES, RANDAUG
+    images = tmp_path / 'images' / 'n01440764'
+    images.mkdir(parents=True)
+    first = os.path.join(IMAGES, sorted(os.listdir(IMAGES))[0])
+    shutil.copy(os.path.join(first, sorted(os.listdir(first))[0]), images / 'good.JPEG')
+    (images / 'bad\x1b[31m\nname\r.JPEG').write_bytes(b'not an image')
+    assert main(['convert', str(tmp_path / 'images'), str(tmp_path / 'out.beton'), '--mldr', RANDAUG]) == 1
+    err = capsys.readouterr().err
+    assert 'bad\\x1b[31m\\nname\\r.JPEG: unreadable image' in err and '\x1b' not in err
+    odd = tmp_path / 'odd\x1b[2J\n.beton'
+    shutil.copy(randaug_beton, odd)
+    assert main(['info', str(odd)]) == 0
+    out = capsys.readouterr().out
+    assert 'odd\\x1b[2J\\n.beton' in out and '\x1b' not in out
