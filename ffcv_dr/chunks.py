@@ -11,6 +11,7 @@ depend on the world size, so one process and many give the same file.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -95,8 +96,9 @@ def teacher_job(output: str, inputs, device: str):
 
 def parts_dir(output: str, fingerprint: dict, rank: int, world_size: int, restart: bool) -> str:
     """``OUTPUT.parts``, holding the fingerprint of the run its chunks belong to;
-    a run with another fingerprint is refused (``restart``: the parts are
-    thrown away), saying what changed."""
+    a run with another fingerprint is refused while any chunk is finished
+    (``restart``: the parts are thrown away), saying what changed; without
+    one there is nothing to lose, and the new run takes the folder."""
     parts = output + '.parts'
     path = os.path.join(parts, 'fingerprint.json')
     fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back: lists for tuples
@@ -104,14 +106,15 @@ def parts_dir(output: str, fingerprint: dict, rank: int, world_size: int, restar
         if restart and os.path.isdir(parts):
             shutil.rmtree(parts)
         os.makedirs(parts, exist_ok=True)
+        stored = None
         if os.path.exists(path):
             with open(path) as f:
                 stored = json.load(f)
-            if stored != fingerprint:
+            if stored != fingerprint and glob.glob(os.path.join(glob.escape(parts), 'chunk_*.npz')):
                 what = ', '.join(changed(stored, fingerprint))
                 raise JobError(f'{parts}: holds chunks of another run ({what} changed); run the same '
                                'command on the same inputs, or pass --restart to start over')
-        else:
+        if stored != fingerprint:
             with open(path + '.tmp', 'w') as f:
                 json.dump(fingerprint, f, sort_keys=True)
             os.replace(path + '.tmp', path)

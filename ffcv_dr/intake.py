@@ -48,6 +48,7 @@ def list_images(images_dir: str, num_classes: int = None) -> ImageList:
     from torchvision.datasets import ImageFolder
     if not os.path.isdir(images_dir):
         raise ConvertError(f'{images_dir}: not a directory')
+    _folders_once(images_dir)
     try:
         folder = ImageFolder(images_dir, loader=lambda p: p)
     except (FileNotFoundError, RuntimeError) as e:
@@ -67,11 +68,29 @@ def list_images(images_dir: str, num_classes: int = None) -> ImageList:
     return ImageList(paths, labels, classes, num_classes, space)
 
 
+def _folders_once(root: str):
+    """Refuse a folder that symbolic links reach twice: ImageFolder follows
+    them, so a link to an ancestor lists its images without end (until the
+    path is too long) and two links to one folder list them twice."""
+    seen = {}
+    for folder, _, _ in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        first = seen.setdefault((st.st_dev, st.st_ino), folder)
+        if first != folder:
+            raise ConvertError(f'{printable(folder)}: is {printable(first)} again, through a symbolic '
+                               'link (a cycle, or two links to one folder): its images would be listed '
+                               'more than once')
+
+
 def _probe_image(args):
     """(path, (width, height, passthrough) or None, problem or None) of an image.
     JPEGs of 1 or 3 components (what PIL opens as L or RGB) are read by
-    libjpeg from their header, in a tenth of PIL's time; anything else by PIL."""
-    path, max_resolution = args
+    libjpeg from their header, in a tenth of PIL's time; anything else by PIL.
+    With ``decode_all`` (``--skip-bad``) every JPEG is decoded (at 1/8 scale)
+    to find those that do not decode completely; otherwise only those without
+    an end marker are, and the writer refuses the others when it re-marks
+    them (:func:`ffcv_dr.storage.stored_image`)."""
+    path, max_resolution, decode_all = args
     try:
         with open(path, 'rb') as f:
             data = f.read()
@@ -84,7 +103,7 @@ def _probe_image(args):
                 width, height = img.size
                 passthrough = img.format == 'JPEG' and img.mode in ('RGB', 'L')
         if passthrough:
-            problem = _truncated_jpeg(data)
+            problem = check_jpeg(data)[0] if decode_all else _truncated_jpeg(data)
             if problem:
                 return path, None, f'{path}: {problem}'
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
@@ -115,7 +134,7 @@ def probe_images(images: ImageList, max_resolution, num_workers, skip_bad: bool 
     """(width, height, passthrough) of every image, read from headers in parallel.
     An unreadable image stops everything, or with ``skip_bad`` is reported and
     gets None."""
-    work = [(p, max_resolution) for p in images.paths]
+    work = [(p, max_resolution, skip_bad) for p in images.paths]
     # A header takes ~60 us to read; starting a pool (forking a process that
     # has torch loaded) ~0.1 s: small folders are read faster in-process.
     pool = _FORK.Pool(num_workers) if len(work) > POOL_MIN_IMAGES else None

@@ -34,7 +34,8 @@ import numpy as np
 from PIL import Image
 
 from .format import STORED_JPEG, STORED_RAW
-from .jpeg import add_restarts
+from .jobs import ConvertError
+from .jpeg import add_restarts, check_jpeg
 from .replay_clock import uniform
 
 WRITE_MODES = ('original', 'jpg', 'raw', 'proportion', 'smart')
@@ -108,7 +109,14 @@ def stored_image(path: str, index: int, width: int, height: int, passthrough: bo
     if storage.write_mode == 'original':
         if passthrough and size == (width, height):
             with open(path, 'rb') as f:
-                return add_restarts(np.frombuffer(f.read(), np.uint8)), width, height, STORED_JPEG
+                data = np.frombuffer(f.read(), np.uint8)
+            stored = add_restarts(data)
+            if stored is data:   # not re-marked: an 8-bit grey or colour JPEG only when damaged
+                problem = check_jpeg(data)[0]
+                if problem:
+                    raise ConvertError(f'{path}: {problem}: it does not decode completely '
+                                       '(--skip-bad leaves such images out)')
+            return stored, width, height, STORED_JPEG
         rgb = _rgb(path)
         if size != (width, height):
             return encode_jpeg(_shrink(rgb, size), storage.jpeg_quality), *size, STORED_JPEG

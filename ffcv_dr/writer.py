@@ -150,7 +150,7 @@ class _Samples:
                 payload, w, h, mode = self.images.stored(i)
                 return (payload, width, height, w, h, mode, records), (label, topk), label
             except Exception as e:  # noqa: BLE001 -- see the class docstring
-                self.fail(str(e) if isinstance(e, MldrError) else
+                self.fail(str(e) if isinstance(e, (MldrError, ConvertError)) else
                           f'{self.images.name(i)}: {type(e).__name__}: {e}', is_disk_full(e))
         records, topk = self.placeholder
         return (np.zeros(0, np.uint8), 1, 1, 1, 1, 0, records), (label, topk), label

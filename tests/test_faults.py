@@ -61,8 +61,28 @@ def truncated(path):
     return path
 
 
+def header_only(path):
+    """A JPEG header claiming 9000x9000, its scan holding no data, then an end marker."""
+    data = open(list_images(IMAGES).paths[5], 'rb').read()
+    sof = max(data.find(b'\xff\xc0'), data.find(b'\xff\xc2'))
+    sos = data.find(b'\xff\xda')
+    data = data[:sof + 5] + (9000).to_bytes(2, 'big') * 2 + data[sof + 9:]
+    with open(path, 'wb') as f:
+        f.write(data[:sos + 2 + (data[sos + 2] << 8 | data[sos + 3])] + b'\xff\xd9')
+    return path
+
+
+def truncated_with_eoi(path):
+    truncated(path)
+    with open(path, 'ab') as f:
+        f.write(b'\xff\xd9')
+    return path
+
+
 UNREADABLE = {  # name -> (writer, what the error says)
     'truncated.JPEG': (truncated, 'truncated or corrupt JPEG'),
+    'header_only.JPEG': (header_only, 'truncated or corrupt JPEG'),
+    'truncated_with_eoi.JPEG': (truncated_with_eoi, 'truncated or corrupt JPEG'),
     'empty.JPEG': (lambda p: open(p, 'wb').close(), 'unreadable image'),
     'dangling.JPEG': (lambda p: os.symlink(p + '.gone', p), 'unreadable image'),
     'garbage.JPEG': (lambda p: open(p, 'wb').write(os.urandom(5000)), 'unreadable image'),
@@ -119,10 +139,59 @@ def test_jpeg_headers_read_by_libjpeg_agree_with_pil(faulty_folder, monkeypatch)
     sizes, pass-through and problems come out as PIL alone gives them."""
     import ffcv_dr.intake as intake
     paths = list_images(IMAGES).paths + sorted(str(p) for p in (faulty_folder / WNID).iterdir())
-    fast = [intake._probe_image((p, None)) for p in paths]
+    fast = [intake._probe_image((p, None, True)) for p in paths]
     monkeypatch.setattr(intake, 'jpeg_header', lambda data: None)
-    assert fast == [intake._probe_image((p, None)) for p in paths]
+    assert fast == [intake._probe_image((p, None, True)) for p in paths]
     assert sum(probe is None for _, probe, _ in fast) == len(UNREADABLE)
+
+
+@pytest.mark.parametrize('job', ['convert', 'reinforce'])
+def test_jpegs_that_do_not_decode_completely_are_refused_when_written(job, tmp_path):
+    """Without --skip-bad only JPEGs without an end marker are decoded up
+    front; one that has one but does not decode completely (a header with no
+    data, a truncated file with an end marker added) is refused when the
+    writer re-marks it, naming it: no output, no finished chunk, and the same
+    command with --skip-bad then leaves the image out."""
+    from ffcv_dr.convert import convert
+    from conftest import RANDAUG, first_reinforcements
+    root = tmp_path / 'images'
+    os.makedirs(root / WNID)
+    shutil.copy(list_images(IMAGES).paths[0], root / WNID / 'a_good.JPEG')
+    truncated_with_eoi(str(root / WNID / 'b_bad.JPEG'))
+    out = tmp_path / 'out' / 'x.beton'
+    out.parent.mkdir()
+    mldr = first_reinforcements(tmp_path / 'mldr', RANDAUG, 2)
+
+    def run(skip_bad):
+        if job == 'convert':
+            return convert(str(root), str(out), mldr, num_workers=2, skip_bad=skip_bad)
+        return reinforce(str(root), str(out), teacher='resnet18', pretrained=False, samples=2,
+                         num_workers=2, skip_bad=skip_bad)
+    with pytest.raises(ConvertError, match=f'{WNID}/b_bad.JPEG: truncated or corrupt JPEG data: it '
+                                           'does not decode completely'):
+        run(False)
+    left = [os.path.join(d, f) for d, _, files in os.walk(out.parent) for f in files]
+    assert [os.path.basename(p) for p in left] in ([], ['fingerprint.json'])
+    result = run(True)
+    assert [os.path.basename(p) for p in result['skipped']] == ['b_bad.JPEG'] and len(BetonFile(str(out))) == 1
+
+
+def test_a_folder_reached_twice_through_links_is_refused(tmp_path):
+    """A symbolic link to an ancestor (a cycle) or a second link to one
+    folder would list images more than once: refused, naming both paths."""
+    from ffcv_dr.intake import list_images as listed
+    root = tmp_path / 'images'
+    os.makedirs(root / WNID)
+    shutil.copy(list_images(IMAGES).paths[0], root / WNID / 'a.JPEG')
+    os.symlink('..', root / WNID / 'loop')
+    with pytest.raises(ConvertError, match=rf'{WNID}/loop: is .*images again, through a symbolic link'):
+        listed(str(root))
+    os.remove(root / WNID / 'loop')
+    os.symlink(root / WNID, root / 'n01443537')
+    with pytest.raises(ConvertError, match='again, through a symbolic link'):
+        listed(str(root))
+    os.remove(root / 'n01443537')
+    assert len(listed(str(root)).paths) == 1
 
 
 def test_skip_bad_reports_each_unreadable_image(skipped_run, faulty_folder):
