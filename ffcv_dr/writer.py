@@ -1,6 +1,7 @@
 """Writing a ``.beton`` with FFCV's own writer, made safe for long jobs: a
 failing or killed worker stops the write with one message instead of hanging
-it, a full disk says so, and the file appears at its path only when complete."""
+it, a full disk says so, the file appears at its path only when complete, and
+the same inputs give the same bytes."""
 from __future__ import annotations
 
 import ctypes
@@ -9,12 +10,12 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
+import time
 
 import numpy as np
 from ffcv.fields import IntField
-from ffcv.memory_allocator import MemoryAllocator
 from ffcv.utils import chunks
-from ffcv.writer import DatasetWriter, worker_job_indexed_dataset
+from ffcv.writer import DatasetWriter, handle_sample
 from tqdm import tqdm
 
 from .fields import ReinforcedImageField, SoftTargetField
@@ -161,7 +162,10 @@ class _Writer(DatasetWriter):
     - a worker that fails (a full disk, say) records why and releases the main
       process, which FFCV leaves waiting forever;
     - a worker that dies (killed) stops the write instead of hanging it;
-    - workers write their pages without waiting for each other (:class:`_Pages`);
+    - samples are laid out in the order of their indices, whichever worker
+      encodes them and whenever, so the same inputs give the same bytes
+      (:class:`_OrderedPages`); FFCV's layout follows which worker fills a
+      page first;
     - the samples' metadata lives in anonymous shared memory, which the kernel
       frees however the processes end (FFCV's named segment in /dev/shm
       outlives a killed job);
@@ -170,7 +174,8 @@ class _Writer(DatasetWriter):
 
     def write(self, samples: '_Samples'):
         indices = list(enumerate(range(len(samples))))
-        self._write_common(len(indices), chunks(indices, WRITER_CHUNK), _writer_job, (samples,))
+        self._write_common(len(indices), enumerate(chunks(indices, WRITER_CHUNK)), _writer_job,
+                           (samples,))
 
     def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
         self.num_samples = num_samples
@@ -182,7 +187,7 @@ class _Writer(DatasetWriter):
         for item in list(queue_content) + [None] * self.num_workers:
             work.put(item)
         done = _FORK.Value(ctypes.c_uint64, 0)
-        allocator = _Pages(self.fname, self.data_region_start, self.page_size)
+        allocator = _OrderedPages(self.fname, self.data_region_start, self.page_size)
         args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, results,
                 *extra_worker_args)
         workers = [_FORK.Process(target=work_fn, args=args) for _ in range(self.num_workers)]
@@ -202,18 +207,33 @@ class _Writer(DatasetWriter):
                     bar.update(done.value - bar.n)
             for w in workers:
                 w.join()
-            self.finalize(allocations)
+            with open(self.fname, 'r+b') as f:   # whole pages, as FFCV's process cache reads them
+                f.truncate(allocator.end())
+            self.finalize(sorted(allocations, key=lambda a: a[1]))
         finally:
             for w in workers:
                 if w.is_alive():
                     w.terminate()
 
 
-def _writer_job(input_queue, metadata_sm, metadata_type, fields, allocator, done_number,
+def _writer_job(input_queue, metadata_sm, metadata_type, fields, pages, done_number,
                 allocations_queue, samples):
+    """FFCV's worker loop over (sequence number, chunk) items, each chunk
+    placed in the file in its turn once encoded."""
     try:
-        worker_job_indexed_dataset(input_queue, metadata_sm, metadata_type, fields, allocator,
-                                   done_number, allocations_queue, samples)
+        metadata = np.frombuffer(metadata_sm.buf, dtype=metadata_type)
+        names = metadata_type.names
+        with pages:
+            while (item := input_queue.get()) is not None:
+                turn, chunk = item
+                try:
+                    for dest_ix, source_ix in chunk:
+                        handle_sample(samples[source_ix], dest_ix, names, metadata, pages, fields)
+                finally:
+                    pages.place(turn, metadata)   # always: the chunks after it wait for its turn
+                with done_number.get_lock():
+                    done_number.value += len(chunk)
+        allocations_queue.put(pages.allocations)
     except Exception as e:  # noqa: BLE001 -- recorded, and the caller raises ConvertError
         samples.fail(f'{samples.output}: writing failed ({type(e).__name__}: {e})', is_disk_full(e))
         allocations_queue.put([])  # the main process waits for one result per worker
@@ -228,28 +248,84 @@ class _AnonymousMemory:
         self.buf = memoryview(self._map)[:size]
 
 
-class _Pages(MemoryAllocator):
-    """FFCV's page allocator, except that a full page is written at its place
-    in the file at once (``os.pwrite``). FFCV's writes pages in order, so a
-    worker whose page filled first sat idle until the other workers' earlier
-    pages were written."""
+class _OrderedPages:
+    """FFCV's page layout, decided by the order of the samples rather than by
+    which worker fills a page first: a worker encodes a chunk into buffers of
+    its own (``malloc`` hands out placeholders for the pointers), then, in the
+    chunk's turn, lays its samples out after the previous chunk's (a sample
+    that does not fit in what is left of a page starts the next one, as in
+    FFCV), puts the real pointers in the metadata and writes the buffers at
+    their place (``os.pwrite``; pages are shared by consecutive chunks, at
+    disjoint bytes). Taking the turn is a few additions; the encoding stays
+    parallel. So relabel, reinforce and convert write the same bytes for the
+    same inputs, however the workers are scheduled, resumed or not."""
+
+    def __init__(self, fname: str, offset_start: int, page_size: int):
+        self.fname, self.page_size = fname, page_size
+        self.offset = -(-offset_start // page_size) * page_size   # FFCV's align_to_page
+        self.turn = _FORK.Value(ctypes.c_uint64, 0)      # the chunk to be placed next
+        self.cursor = _FORK.Array(ctypes.c_uint64, 2)    # (page, offset in it) after the last placed
+        self.allocations, self.pending, self.sample = [], [], None
 
     def __enter__(self):
         self.fd = os.open(self.fname, os.O_WRONLY)
 
-    def flush_page(self):
-        if self.my_page >= 0:
-            page = memoryview(self.page_data)
-            at = self.offset + self.my_page * self.page_size
-            while page:  # pwrite may write less than asked
-                written = os.pwrite(self.fd, page, at)
-                page, at = page[written:], at + written
-
     def __exit__(self, *exc):
+        os.close(self.fd)
+
+    def set_current_sample(self, sample: int):
+        self.sample = sample
+
+    def malloc(self, size: int):
+        """(placeholder pointer, buffer to fill) for the current sample."""
+        if size > self.page_size:
+            raise ValueError(f'tried allocating {size} bytes, but the page size is {self.page_size}')
+        buffer = np.zeros(size, np.uint8)
+        self.pending.append((self.sample, size, buffer))
+        return len(self.pending) - 1, buffer
+
+    def place(self, turn: int, metadata: np.ndarray):
+        """Lay out and write the encoded chunk, in its turn."""
+        pending, self.pending = self.pending, []
+        while self.turn.value != turn:
+            time.sleep(0.0002)
         try:
-            self.flush_page()
+            page, at = int(self.cursor[0]), int(self.cursor[1])
+            ptrs, k = [], 0
+            while k < len(pending):   # one sample's allocations at a time, on one page
+                end = k
+                while end < len(pending) and pending[end][0] == pending[k][0]:
+                    end += 1
+                total = sum(size for _, size, _ in pending[k:end])
+                if total > self.page_size:
+                    raise ValueError(f'sample {pending[k][0]} takes {total} bytes, more than a page '
+                                     f'({self.page_size})')
+                if at + total > self.page_size:
+                    page, at = page + 1, 0
+                for _, size, _ in pending[k:end]:
+                    ptrs.append(self.offset + page * self.page_size + at)
+                    at += size
+                k = end
+            self.cursor[0], self.cursor[1] = page, at
         finally:
-            os.close(self.fd)
+            self.turn.value = turn + 1
+        for name in metadata.dtype.names:   # placeholders -> pointers
+            column = metadata[name]
+            if column.dtype.names and 'data_ptr' in column.dtype.names:
+                pointers = column['data_ptr']
+                for sample in {s for s, _, _ in pending}:
+                    pointers[sample] = ptrs[int(pointers[sample])]
+        for (sample, size, buffer), ptr in zip(pending, ptrs):
+            self.allocations.append((sample, ptr, size))
+            view, where = memoryview(buffer), ptr
+            while view:  # pwrite may write less than asked
+                written = os.pwrite(self.fd, view, where)
+                view, where = view[written:], where + written
+
+    def end(self) -> int:
+        """Where the data region ends: after the last page used."""
+        page, at = int(self.cursor[0]), int(self.cursor[1])
+        return self.offset + (page + (1 if at else 0)) * self.page_size
 
 
 def _check_free_space(output, scratch, images, recipe, num_workers):
