@@ -26,18 +26,7 @@ from ffcv_dr.bench import ffcv_writer_rate
 from ffcv_dr.convert import convert
 from ffcv_dr.jpeg import add_restarts
 
-
-def best_ms(fn, items, repeats=3):
-    """Milliseconds per item of the fastest of ``repeats`` passes, after a warm-up."""
-    fn(items[0])
-    best = float('inf')
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for item in items:
-            fn(item)
-        best = min(best, time.perf_counter() - start)
-    return 1e3 * best / len(items)
-
+from convert_profile import best_ms   # benchmarks/, the script's own folder
 
 ROUTES = {'splicer': functools.partial(add_restarts, splice=True),
           "libjpeg's coefficients": functools.partial(add_restarts, splice=False),
