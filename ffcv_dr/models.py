@@ -100,6 +100,15 @@ def create(name: str, num_classes: Optional[int] = None, pretrained: bool = Fals
     return Classifier(name, net, input_size or size, mean, std, head)
 
 
+def known(name: str) -> bool:
+    """Whether :func:`create` has an architecture called ``name``, checked
+    without building it (timm's registry; hub names are taken as given)."""
+    if name.startswith(BUNDLED_PREFIX):
+        return name[len(BUNDLED_PREFIX):] == 'efficientnet_lite0'
+    import timm
+    return name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')) or timm.is_model(name)
+
+
 def _build(name, pretrained, num_classes, kwargs):
     """(network, input side, mean, std, classifier's module name)."""
     if name.startswith(BUNDLED_PREFIX):

@@ -168,7 +168,11 @@ class Trainer:
         self.folder = cfg['output']['folder']
         os.makedirs(self.folder, exist_ok=True)
         torch.manual_seed(d['seed'])
-        recipe = BetonFile(d['train']).recipe
+        train_file = BetonFile(d['train'])
+        recipe, per_process = train_file.recipe, len(train_file) // self.world
+        if per_process < d['batch_size']:
+            raise ValueError(f"data.batch_size={d['batch_size']}: {d['train']} holds {len(train_file)} samples "
+                             f"({per_process} per process), not one full batch, so no step would train")
         r = cfg['resolution']
         self.ramp = r['min_res'] is not None  # train_settings.check: both given, min <= max
         self.size = (r['max_res'] if self.ramp else None) or d['image_size'] or recipe.size

@@ -83,7 +83,7 @@ def load_config(path: str = None, overrides=()) -> dict:
         items += list(loaded.items())
     for item in overrides:
         key, sep, value = item.partition('=')
-        if not sep:
+        if not sep or not key:
             raise ValueError(f'--set {item!r}: expected section.key=value')
         section, _, name = key.partition('.')
         value = _yaml(value, f'--set {item}')
@@ -106,9 +106,28 @@ def load_config(path: str = None, overrides=()) -> dict:
     return cfg
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (which
+    it would otherwise take silently, the last one winning)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key, which the base class refuses
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f'found duplicate key {key!r}',
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def _yaml(text: str, where: str):
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeys)
     except yaml.YAMLError as e:
         problem = ' '.join(str(getattr(e, 'problem', None) or e).split())
         mark = getattr(e, 'problem_mark', None)
@@ -176,6 +195,14 @@ def check(cfg: dict):
             value = cfg[section][name] if name else cfg[section]
             if not ok(value):
                 raise ValueError(f'{section}{"." + name if name else ""}={value!r}: must be {what}')
+    from .models import known
+    if not known(cfg['model']['arch']):
+        raise ValueError(f"model.arch={cfg['model']['arch']!r}: not a timm architecture (timm.list_models() "
+                         f"lists them) nor bundled:efficientnet_lite0")
+    unknown = [n.strip() for n in cfg['train']['teacher'].split(',') if not known(n.strip())]
+    if cfg['train']['mode'] == 'kd' and unknown:
+        raise ValueError(f"train.teacher={cfg['train']['teacher']!r}: {unknown[0]!r} is not a timm architecture "
+                         f"nor bundled:efficientnet_lite0")
     r = cfg['resolution']
     if (r['min_res'] is None) != (r['max_res'] is None):
         raise ValueError('resolution.min_res and resolution.max_res: give both (a ramp) or neither')

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from ffcv.loader import OrderOption
 
 from ffcv_dr import Loader
@@ -25,7 +26,9 @@ BAD = [
     (dict(batch_size=0), r'batch_size=0: must be an integer of at least 1'),
     (dict(batch_size=1000), r'batch_size=1000 with drop_last=True: the 500 samples .* make no full batch'),
     (dict(num_workers=0), r'num_workers=0: must be -1 \(every core\)'),
+    (dict(num_workers=10**6), r'num_workers=1000000: must be -1 \(every core\) or 1 to \d+ \(the threads numba'),
     (dict(batches_ahead=0), r'batches_ahead=0: must be an integer of at least 1'),
+    (dict(batches_ahead=10**6), r'batch_size=8, batches_ahead=1000000: the batch buffers would take'),
     (dict(batches_ahead=-1), r'batches_ahead=-1'),
     (dict(p=1.5), r'p=1.5: must be a probability'),
     (dict(p=float('nan')), r'p=nan'),
@@ -33,6 +36,7 @@ BAD = [
     (dict(seed=0.5), r'seed=0.5'),
     (dict(order='random'), r"order='random': must be an ffcv.loader.OrderOption"),
     (dict(dtype=np.int8), r'dtype=.*int8.*: must be np.float16 or np.float32'),
+    (dict(dtype=torch.float16), r'dtype=torch.float16: must be np.float16 or np.float32'),
     (dict(device='cuda:7'), r"device='cuda:7': this machine has \d+ CUDA devices"),
     (dict(device='tpu'), r"device='tpu'"),
     (dict(densify='sharpen'), r"densify='sharpen': must be one of smooth, zeros"),

@@ -92,6 +92,9 @@ BAD_SETTINGS = [
     (['data.os_cache=maybe'], "data.os_cache='maybe': must be true or false"),
     (['data.val=[1'], 'not valid YAML (line 1, column 3)'),
     (['data.val=!!python/object:os.system x'], 'could not determine a constructor'),
+    (['=5'], "--set '=5': expected section.key=value"),
+    (['model.arch=resnet5O'], "model.arch='resnet5O': not a timm architecture"),
+    (['train.mode=kd', 'train.teacher=resnet18,bundled:lite'], "'bundled:lite' is not a timm architecture"),
 ]
 
 
@@ -105,6 +108,7 @@ def test_bad_settings_are_one_line_naming_the_setting(overrides, message):
     ('- a\n- b\n', 'must be a mapping of sections'),
     ('data:\n\ttrain: x\n', "not valid YAML (line 2, column 1): found character '\\t'"),
     ('data:\n  train: !!python/object/apply:os.system ["true"]\n', 'could not determine a constructor'),
+    ('train:\n  epochs: 1\n  lr: 0.1\n  epochs: 2\n', "not valid YAML (line 4, column 3): found duplicate key 'epochs'"),
 ])
 def test_a_bad_yaml_file_is_one_line(tmp_path, text, message):
     path = tmp_path / 'bad.yaml'
@@ -128,6 +132,18 @@ def test_the_validation_file_follows_data_val(small_images, tmp_path):
     assert second != first and not os.path.exists(first)
     assert Reader(second).num_samples == 5
     assert val_beton(small_images, folder, 2, 0) == first and Reader(first).num_samples == 12
+
+
+def test_a_batch_larger_than_the_file_is_refused_naming_the_setting(mixing_beton, tmp_path):
+    """Before: 0 steps each epoch, a checkpoint written, exit 0."""
+    from ffcv_dr.beton import BetonFile
+    n = len(BetonFile(mixing_beton))
+    cfg = load_config(None, [f'data.train={mixing_beton}', f'data.batch_size={n + 1}', 'data.workers=1',
+                             'model.arch=resnet18', f'output.folder={tmp_path / "out"}'])
+    with pytest.raises(ValueError, match=rf'data.batch_size={n + 1}: .* holds {n} samples \({n} per process\), '
+                                         'not one full batch'):
+        train(cfg)
+    assert not os.listdir(tmp_path / 'out')
 
 
 def test_unknown_settings_are_refused():

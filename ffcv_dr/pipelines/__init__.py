@@ -119,7 +119,7 @@ class Loader(ffcv.loader.Loader):
                               batch_size, drop_last, fname)
         self._bytes_per_pixel = 3 * (3 if beton.recipe.mixing else 2)  # output and scratch
         output_size = arguments.output_size(output_size, batch_size, batches_ahead + 2,
-                                            self._bytes_per_pixel)
+                                            self._bytes_per_pixel, beton.recipe.size)
         self.clock.bind(beton)
         pipelines = train_pipelines(self.clock, output_size, device, densify, labels,
                                     reinforcement_index, mean, std, dtype)

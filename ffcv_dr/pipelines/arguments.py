@@ -34,23 +34,31 @@ def _flag(name, value) -> bool:
     return bool(value)
 
 
-def output_size(value, batch_size: int = 1, slots: int = 1, per_pixel: int = 3):
+def output_size(value, batch_size: int = 1, slots: int = 1, per_pixel: int = 3, default: int = None):
     """(height, width) as integers; ``batch_size`` x ``slots`` images of
-    ``per_pixel`` bytes a pixel must fit in this machine's memory."""
+    ``per_pixel`` bytes a pixel (``default`` x ``default`` when ``value`` is
+    None) must fit in this machine's memory."""
     if value is None:
+        if default is not None:
+            _fits(f'batch_size={batch_size}, batches_ahead={slots - 2}', (default, default), batch_size, slots,
+                  per_pixel)
         return None
     if (isinstance(value, (str, bytes)) or not hasattr(value, '__len__') or len(value) != 2
             or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
                        for v in value)):
         raise ValueError(f'output_size={value!r}: must be (height, width), two integers of at least 1')
     h, w = int(value[0]), int(value[1])
-    need = batch_size * slots * h * w * per_pixel
+    _fits(f'output_size={value!r}', (h, w), batch_size, slots, per_pixel)
+    return h, w
+
+
+def _fits(what, size, batch_size, slots, per_pixel):
+    need = batch_size * slots * size[0] * size[1] * per_pixel
     total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     if need > total:
-        raise ValueError(f'output_size={value!r}: the batch buffers would take {need / 2**30:.1f} GiB '
-                         f'({batch_size} images x {slots} batches in flight), more than the '
+        raise ValueError(f'{what}: the batch buffers would take {need / 2**30:.1f} GiB ({batch_size} images of '
+                         f'{size[0]}x{size[1]} x {slots} batches in flight), more than the '
                          f'{total / 2**30:.1f} GiB of memory here')
-    return h, w
 
 
 def indices(value, num_samples: int, path: str) -> np.ndarray:
@@ -104,7 +112,10 @@ def check(*, batch_size, num_workers, order, distributed, seed, p, densify, labe
     """Everything that does not need the file."""
     _integer('batch_size', batch_size, 1)
     if num_workers != -1:
-        _integer('num_workers', num_workers, 1, allowed='-1 (every core) or an integer of at least 1')
+        import numba
+        most = numba.config.NUMBA_NUM_THREADS
+        _integer('num_workers', num_workers, 1, most,
+                 allowed=f'-1 (every core) or 1 to {most} (the threads numba may start here)')
     _integer('batches_ahead', batches_ahead, 1)
     _integer('seed', seed, 0, 2 ** 63 - 1)
     if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
@@ -113,7 +124,11 @@ def check(*, batch_size, num_workers, order, distributed, seed, p, densify, labe
         raise ValueError(f'order={order!r}: must be an ffcv.loader.OrderOption')
     if densify not in DENSIFY:
         raise ValueError(f'densify={densify!r}: must be one of {", ".join(DENSIFY)}')
-    if np.dtype(dtype) not in [np.dtype(d) for d in DTYPES]:
+    try:
+        ok = np.dtype(dtype) in [np.dtype(d) for d in DTYPES]
+    except TypeError:  # not a numpy type at all (a torch dtype, say)
+        ok = False
+    if not ok:
         raise ValueError(f'dtype={dtype!r}: must be np.float16 or np.float32')
     for name, value in (('distributed', distributed), ('labels', labels), ('os_cache', os_cache),
                         ('reinforcement_index', reinforcement_index), ('drop_last', drop_last)):
