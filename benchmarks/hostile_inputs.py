@@ -356,13 +356,13 @@ def cli_cases():
             flag = action.option_strings[-1]
             for value in ('0', '-1', 'nan', 'inf', 'abc', '1e400'):
                 expect = 'either' if value == '0' or (value == '-1' and 'workers' in flag) else 'refuse'
-                cases.append(Case('cli', f'{command} {flag} {value}', 'cli', {'argv': base + [flag, value]},
-                                  expect, f'argument {flag}'))
+                cases.append(Case('cli', f'{command} {flag} {value}', 'cli',
+                                  {'argv': base + [flag, value], 'taken': 'missing_'}, expect, f'argument {flag}'))
     return cases
 
 
 def run_cli(data, spec):
-    argv = [a.format(data=data) for a in spec['argv']]
+    argv = [a.replace('{data}', data) for a in spec['argv']]
     try:
         code = cli_main(argv)
     except SystemExit as e:
@@ -377,13 +377,16 @@ def run_cli(data, spec):
         return ('ran', '') if ok else ('wrong', 'exit 0 without output')
     if left:
         return 'wrong', f'refused ({lines[-1:]}) but left {left}'
+    if code == 1 and spec.get('taken') and lines and spec['taken'] in lines[-1]:
+        return 'ran', lines[-1]  # the value was taken; the input, which does not exist, was not
     return 'refused', ' | '.join(lines[-4:]) if lines else f'exit {code} with no message'
 
 
 def image_cases():
     cases = []
     for bad in ('header_only', 'truncated_with_eoi', 'not_an_image', 'empty'):
-        cases.append(Case('images', f'reinforce with a {bad} JPEG', 'reinforce_bad', {'bad': bad}, 'refuse', bad))
+        cases.append(Case('images', f'reinforce with a {bad} JPEG', 'reinforce_bad', {'bad': bad}, 'refuse',
+                          'x.jpg'))
         cases.append(Case('images', f'reinforce --skip-bad with a {bad} JPEG', 'reinforce_bad',
                           {'bad': bad, 'skip': True}, 'run'))
     for loop in ('..', '.', '{images}'):
@@ -417,9 +420,9 @@ def run_reinforce_bad(data, spec):
                   spec['bad'])
     else:
         os.symlink(spec['loop'].format(images=images), os.path.join(images, 'chelsea', 'loop'))
-    argv = ['reinforce', images, 'out/x.beton', '--samples', '1', '--size', '32', '--chunk', '16']
+    argv = ['reinforce', images, 'x.beton', '--samples', '1', '--size', '32', '--chunk', '16']
     return run_cli(data, {'argv': argv + (['--skip-bad'] if spec.get('skip') else []),
-                          'ran': lambda: len(BetonFile('out/x.beton')) == N})
+                          'ran': lambda: len(BetonFile('x.beton')) == N})
 
 
 def run_rerun(data, spec):

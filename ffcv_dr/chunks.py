@@ -86,12 +86,19 @@ def group_lock(output, rank, world_size):
 def teacher_job(output: str, inputs, device: str):
     """The frame of a teacher job writing ``output`` from ``inputs``: checked
     paths, then the output's lock held for the torchrun group. Yields (rank,
-    world size, this rank's device)."""
+    world size, this rank's device). A job that fails before finishing a
+    chunk (a bad image, say) leaves no parts folder behind."""
     rank, world_size = rank_and_world(device)
     output_dir(output)
     check_output(output, inputs)
     with group_lock(output, rank, world_size):
-        yield rank, world_size, local_device(device)
+        try:
+            yield rank, world_size, local_device(device)
+        except BaseException:
+            parts = output + '.parts'
+            if rank == 0 and not glob.glob(os.path.join(glob.escape(parts), 'chunk_*.npz')):
+                shutil.rmtree(parts, ignore_errors=True)
+            raise
 
 
 def parts_dir(output: str, fingerprint: dict, rank: int, world_size: int, restart: bool) -> str:
