@@ -334,7 +334,7 @@ def run_train(data, spec):
         argv += ['--config', 'config.yaml']
     for override in TRAIN_BASE + spec['set']:
         argv += ['--set', override.replace('{data}', data)]
-    return run_cli(data, {'argv': argv, 'ran': lambda: os.path.exists('out/final.pt') or os.listdir('out')})
+    return run_cli(data, {'argv': argv, 'ran': lambda: os.path.exists('out/checkpoint.pt')})
 
 
 # ---- CLI numbers, images, reruns --------------------------------------------
@@ -445,7 +445,8 @@ def run_rerun(data, spec):
 def _child(case, data, out, log):
     os.chdir(tempfile.mkdtemp(dir=data))
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 1), os.dup2(fd, 2)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
     os.environ['HOSTILE_LOG'] = log
     try:
         status, detail = globals()[f'run_{case.run}'](data, case.spec)
@@ -453,7 +454,8 @@ def _child(case, data, out, log):
         status, detail = 'traceback', traceback.format_exc(limit=-3)
     with open(out, 'w') as f:
         json.dump({'status': status, 'detail': str(detail)[-600:]}, f)
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
 
 
@@ -488,7 +490,8 @@ def run_all(cases, data, jobs, timeout):
                 else:
                     status, detail = json.load(open(out)).values()
             elif time.monotonic() - start > timeout:
-                process.kill(), process.join()
+                process.kill()
+                process.join()
                 status, detail = 'hang', f'over {timeout} s'
             else:
                 continue
@@ -502,9 +505,8 @@ def make_data(data):
     from ffcv_dr.reinforce import reinforce
     write_photos(os.path.join(data, 'images'))
     for recipe in ('rrc+ra+re', 'rrc+ra+re+mix'):
-        reinforce(os.path.join(data, 'images'), os.path.join(data, 'mixing.beton' if 'mix' in recipe else
-                                                             'plain.beton'),
-                  samples=2, topk=5, size=64, recipe=recipe, batch_size=16, num_workers=1, chunk=16)
+        out = os.path.join(data, 'mixing.beton' if 'mix' in recipe else 'plain.beton')
+        reinforce(os.path.join(data, 'images'), out, samples=2, topk=5, size=64, recipe=recipe, batch_size=16, num_workers=1, chunk=16)
     os.mkfifo(os.path.join(data, 'fifo'))
 
 

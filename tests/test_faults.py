@@ -175,6 +175,21 @@ def test_jpegs_that_do_not_decode_completely_are_refused_when_written(job, tmp_p
     assert [os.path.basename(p) for p in result['skipped']] == ['b_bad.JPEG'] and len(BetonFile(str(out))) == 1
 
 
+def test_a_bad_image_after_a_finished_chunk_keeps_that_chunk(tmp_path):
+    """The teacher's finished work is never thrown away by a failure: only a
+    parts folder without a finished chunk is removed."""
+    root = tmp_path / 'images'
+    os.makedirs(root / WNID)
+    for k, path in enumerate(list_images(IMAGES).paths[:4]):  # chunks 0 and 1; chunk 2 fails (rendered ahead)
+        shutil.copy(path, root / WNID / f'{k}_good.JPEG')
+    truncated_with_eoi(str(root / WNID / 'z_bad.JPEG'))
+    out = tmp_path / 'x.beton'
+    with pytest.raises(ConvertError, match='z_bad.JPEG: truncated or corrupt JPEG data'):
+        reinforce(str(root), str(out), teacher='resnet18', pretrained=False, samples=2, chunk=2,
+                  batch_size=4, size=64, num_workers=1)
+    assert 'chunk_000000.npz' in os.listdir(str(out) + '.parts')
+
+
 def test_a_folder_reached_twice_through_links_is_refused(tmp_path):
     """A symbolic link to an ancestor (a cycle) or a second link to one
     folder would list images more than once: refused, naming both paths."""

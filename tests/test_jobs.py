@@ -135,7 +135,7 @@ def test_special_files_are_refused_by_name(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['images', 'reinforced_data']
 
 
-def test_reinforce_on_a_full_disk_says_so_and_keeps_finished_chunks(tmp_path):
+def test_reinforce_on_a_full_disk_says_so_and_leaves_nothing_half_written(tmp_path):
     """An 8 KB tmpfs: the lock and the fingerprint fit, the first chunk does not."""
     from helpers import on_small_disk
     images = _folder(tmp_path / 'images', sorted(os.path.join(IMAGES, 'n01440764', f) for f in
@@ -150,7 +150,7 @@ def test_reinforce_on_a_full_disk_says_so_and_keeps_finished_chunks(tmp_path):
     assert re.fullmatch(rf'ffcv-dr reinforce: error: {disk}/x\.beton: the disk is full: ffcv-dr-test-disk '
                         rf'\(mounted on {disk}\) has [\d,]+ bytes free and the job needs about [\d,]+ more; '
                         'free some space and run it again', errors[0]), errors[0]
-    assert code == 1 and left == ['x.beton.parts']  # the fingerprint stays; no partial chunk
+    assert code == 1 and left == []  # no chunk finished, so no parts folder (finished ones stay)
 
 
 def test_chunks_smaller_than_a_teacher_batch_are_warned_of(tmp_path):
