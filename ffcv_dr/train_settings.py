@@ -199,7 +199,7 @@ def check(cfg: dict):
     if not known(cfg['model']['arch']):
         raise ValueError(f"model.arch={cfg['model']['arch']!r}: not a timm architecture (timm.list_models() "
                          f"lists them) nor bundled:efficientnet_lite0")
-    unknown = [n.strip() for n in cfg['train']['teacher'].split(',') if not known(n.strip())]
+    unknown = [n.strip() for n in cfg['train']['teacher'].split(',') if n.strip() and not known(n.strip())]
     if cfg['train']['mode'] == 'kd' and unknown:
         raise ValueError(f"train.teacher={cfg['train']['teacher']!r}: {unknown[0]!r} is not a timm architecture "
                          f"nor bundled:efficientnet_lite0")
