@@ -47,7 +47,7 @@ from .beton import BetonFile
 from .intake import list_images
 from .jobs import digest, images_digest
 from .models import create
-from .pipelines import Loader
+from .pipelines import Loader, arguments
 from .train_settings import DEFAULTS, MODES, ORDERS, load_config  # noqa: F401 -- the API
 
 ECE_BINS = 15
@@ -168,11 +168,10 @@ class Trainer:
         self.folder = cfg['output']['folder']
         os.makedirs(self.folder, exist_ok=True)
         torch.manual_seed(d['seed'])
-        train_file = BetonFile(d['train'])
-        recipe, per_process = train_file.recipe, len(train_file) // self.world
-        if per_process < d['batch_size']:
-            raise ValueError(f"data.batch_size={d['batch_size']}: {d['train']} holds {len(train_file)} samples "
-                             f"({per_process} per process), not one full batch, so no step would train")
+        train_file = BetonFile(d['train'])  # no step at all would train: refused naming the setting
+        arguments.check_epoch(arguments.per_process(len(train_file), self.world > 1), d['batch_size'], True,
+                              d['train'], name='data.batch_size')
+        recipe = train_file.recipe
         r = cfg['resolution']
         self.ramp = r['min_res'] is not None  # train_settings.check: both given, min <= max
         self.size = (r['max_res'] if self.ramp else None) or d['image_size'] or recipe.size

@@ -199,10 +199,11 @@ def check(cfg: dict):
     if not known(cfg['model']['arch']):
         raise ValueError(f"model.arch={cfg['model']['arch']!r}: not a timm architecture (timm.list_models() "
                          f"lists them) nor bundled:efficientnet_lite0")
-    unknown = [n.strip() for n in cfg['train']['teacher'].split(',') if n.strip() and not known(n.strip())]
-    if cfg['train']['mode'] == 'kd' and unknown:
-        raise ValueError(f"train.teacher={cfg['train']['teacher']!r}: {unknown[0]!r} is not a timm architecture "
-                         f"nor bundled:efficientnet_lite0")
+    if cfg['train']['mode'] == 'kd':
+        unknown = [n.strip() for n in cfg['train']['teacher'].split(',') if n.strip() and not known(n.strip())]
+        if unknown:
+            raise ValueError(f"train.teacher={cfg['train']['teacher']!r}: {unknown[0]!r} is not a timm "
+                             f"architecture nor bundled:efficientnet_lite0")
     r = cfg['resolution']
     if (r['min_res'] is None) != (r['max_res'] is None):
         raise ValueError('resolution.min_res and resolution.max_res: give both (a ramp) or neither')

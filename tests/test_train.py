@@ -140,8 +140,8 @@ def test_a_batch_larger_than_the_file_is_refused_naming_the_setting(mixing_beton
     n = len(BetonFile(mixing_beton))
     cfg = load_config(None, [f'data.train={mixing_beton}', f'data.batch_size={n + 1}', 'data.workers=1',
                              'model.arch=resnet18', f'output.folder={tmp_path / "out"}'])
-    with pytest.raises(ValueError, match=rf'data.batch_size={n + 1}: .* holds {n} samples \({n} per process\), '
-                                         'not one full batch'):
+    with pytest.raises(ValueError, match=rf'data.batch_size={n + 1} with drop_last=True: the {n} samples '
+                                         rf'\({mixing_beton}, per process\) make no full batch'):
         train(cfg)
     assert not os.listdir(tmp_path / 'out')
 

@@ -115,7 +115,7 @@ class Loader(ffcv.loader.Loader):
         source = _hold(self, fname)
         beton = BetonFile(fname, source=source)  # refuses, naming the file, sample and field, a bad file
         indices = arguments.indices(indices, len(beton), fname)
-        arguments.check_epoch(_per_process(len(beton) if indices is None else len(indices), distributed),
+        arguments.check_epoch(arguments.per_process(len(beton) if indices is None else len(indices), distributed),
                               batch_size, drop_last, fname)
         self._bytes_per_pixel = 3 * (3 if beton.recipe.mixing else 2)  # output and scratch
         output_size = arguments.output_size(output_size, batch_size, batches_ahead + 2,
@@ -210,17 +210,6 @@ def _hold(loader, fname: str) -> str:
         return fname  # BetonFile says what is wrong
     link = f'/proc/self/fd/{open_for_reads(loader, fname)}'
     return link if os.path.exists(link) else fname
-
-
-def _per_process(count: int, distributed: bool) -> int:
-    """Samples each process gets an epoch: a DistributedSampler's share."""
-    if not distributed:
-        return count
-    import torch.distributed as dist
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError('distributed=True: torch.distributed is not initialised (run under torchrun '
-                         'and call torch.distributed.init_process_group first)')
-    return -(-count // dist.get_world_size())
 
 
 def epoch_rate(loader) -> float:

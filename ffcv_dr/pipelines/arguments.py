@@ -137,8 +137,20 @@ def check(*, batch_size, num_workers, order, distributed, seed, p, densify, labe
     normalization('std', std)
 
 
-def check_epoch(count: int, batch_size: int, drop_last: bool, path: str):
-    """A full batch at least, when drop_last would otherwise give empty epochs."""
+def per_process(count: int, distributed: bool) -> int:
+    """Samples each process gets an epoch: a DistributedSampler's share."""
+    if not distributed:
+        return count
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError('distributed=True: torch.distributed is not initialised (run under torchrun '
+                         'and call torch.distributed.init_process_group first)')
+    return -(-count // dist.get_world_size())
+
+
+def check_epoch(count: int, batch_size: int, drop_last: bool, path: str, name: str = 'batch_size'):
+    """A full batch at least, when drop_last would otherwise give empty epochs
+    (``name``: the argument or setting that gave ``batch_size``)."""
     if drop_last and count < batch_size:
-        raise ValueError(f'batch_size={batch_size} with drop_last=True: the {count} samples '
+        raise ValueError(f'{name}={batch_size} with drop_last=True: the {count} samples '
                          f'({path}, per process) make no full batch, so every epoch would be empty')
