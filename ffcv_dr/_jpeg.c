@@ -242,16 +242,44 @@ done:
     return out;
 }
 
+/* The piece of a seekable JPEG (layout l) that rows [top, top + height)
+ * and columns [left, left + width) of its 1/denom scale need: the intervals
+ * covering them with one MCU of margin on each inner side, cut into a JPEG
+ * of their own (malloc'd, *size bytes) whose pixel (0, 0) is the scaled
+ * image's (*dy, *dx). NULL when the region is outside the image, needs
+ * every interval, or the markers do not check out. */
+static uint8_t *region_piece(const uint8_t *jpeg, uint64_t size, const struct layout *l,
+                             uint32_t denom, uint32_t top, uint32_t height, uint32_t left,
+                             uint32_t width, uint64_t *piece_size, uint32_t *dy, uint32_t *dx) {
+    uint32_t sw = l->mcu_w / denom, sh = l->mcu_h / denom;
+    uint32_t c_first = left / sw, c_last = (left + width - 1) / sw;
+    uint32_t r_first = top / sh, r_last = (top + height - 1) / sh;
+    if (c_last >= l->mcus || r_last >= l->rows)
+        return NULL;
+    uint32_t c0 = (c_first ? c_first - 1 : 0) / l->interval * l->interval;
+    uint32_t c1 = c_last + 2 < l->mcus ? c_last + 2 : l->mcus;
+    c1 = (c1 + l->interval - 1) / l->interval * l->interval;
+    uint32_t r0 = r_first ? r_first - 1 : 0;
+    uint32_t r1 = r_last + 2 < l->rows ? r_last + 2 : l->rows;
+    if (c0 == 0 && c1 == l->mcus && r0 == 0 && r1 == l->rows)
+        return NULL;
+    /* the piece's size: whole MCUs, except where it reaches the image's edge */
+    uint32_t w = c1 < l->mcus ? (c1 - c0) * l->mcu_w : l->width - c0 * l->mcu_w;
+    uint32_t h = r1 < l->rows ? (r1 - r0) * l->mcu_h : l->height - r0 * l->mcu_h;
+    *dx = c0 * sw;
+    *dy = r0 * sh;
+    return cut(jpeg, size, l, w, h, r0, r1, c0, c1, piece_size);
+}
+
 /* Decode rows [top, top + height) and at least columns [left, left + width)
  * of the JPEG scaled by 1/denom, as RGB, into out (row stride 3 * the
  * decoded width). The columns are widened to iMCU boundaries: geometry[0]
  * receives the first decoded column and geometry[1] the decoded width.
- * A seekable JPEG is cut to the intervals the region needs, with one MCU of
- * margin on each inner side (the pixels returned are those of a full
- * decode); any other JPEG, or one whose markers do not check out, is decoded
- * as it is. Returns 0, or -1 when the JPEG is corrupt, is not image_width x
- * image_height as the file's metadata says (unless those are 0), or the
- * region does not fit. */
+ * A seekable JPEG is cut to the intervals the region needs (region_piece:
+ * the pixels returned are those of a full decode); any other JPEG, or one
+ * whose markers do not check out, is decoded as it is. Returns 0, or -1
+ * when the JPEG is corrupt, is not image_width x image_height as the file's
+ * metadata says (unless those are 0), or the region does not fit. */
 int ffcv_dr_decode_region(const uint8_t *jpeg, uint64_t size, uint32_t image_width,
                           uint32_t image_height, uint32_t denom,
                           uint32_t top, uint32_t height, uint32_t left, uint32_t width,
@@ -261,31 +289,16 @@ int ffcv_dr_decode_region(const uint8_t *jpeg, uint64_t size, uint32_t image_wid
         read_layout(jpeg, size, &l) == 0) {
         if (image_width && (l.width != image_width || l.height != image_height))
             return -1;
-        uint32_t sw = l.mcu_w / denom, sh = l.mcu_h / denom;
-        uint32_t c_first = left / sw, c_last = (left + width - 1) / sw;
-        uint32_t r_first = top / sh, r_last = (top + height - 1) / sh;
-        if (c_last < l.mcus && r_last < l.rows) {
-            uint32_t c0 = (c_first ? c_first - 1 : 0) / l.interval * l.interval;
-            uint32_t c1 = c_last + 2 < l.mcus ? c_last + 2 : l.mcus;
-            c1 = (c1 + l.interval - 1) / l.interval * l.interval;
-            uint32_t r0 = r_first ? r_first - 1 : 0;
-            uint32_t r1 = r_last + 2 < l.rows ? r_last + 2 : l.rows;
-            if (c0 > 0 || c1 < l.mcus || r0 > 0 || r1 < l.rows) {
-                /* the piece's size: whole MCUs, except where it reaches the image's edge */
-                uint32_t w = c1 < l.mcus ? (c1 - c0) * l.mcu_w : l.width - c0 * l.mcu_w;
-                uint32_t h = r1 < l.rows ? (r1 - r0) * l.mcu_h : l.height - r0 * l.mcu_h;
-                uint64_t n = 0;
-                uint8_t *piece = cut(jpeg, size, &l, w, h, r0, r1, c0, c1, &n);
-                if (piece != NULL) {
-                    uint32_t dx = c0 * sw, dy = r0 * sh;
-                    int status = decode_region(piece, n, 0, 0, denom, top - dy, height, left - dx,
-                                               width, out, out_size, geometry);
-                    free(piece);
-                    if (status == 0) {
-                        geometry[0] += dx;
-                        return 0;
-                    }
-                }
+        uint64_t n = 0;
+        uint32_t dy = 0, dx = 0;
+        uint8_t *piece = region_piece(jpeg, size, &l, denom, top, height, left, width, &n, &dy, &dx);
+        if (piece != NULL) {
+            int status = decode_region(piece, n, 0, 0, denom, top - dy, height, left - dx, width,
+                                       out, out_size, geometry);
+            free(piece);
+            if (status == 0) {
+                geometry[0] += dx;
+                return 0;
             }
         }
     }

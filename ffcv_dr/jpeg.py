@@ -118,6 +118,18 @@ def dct_scale(crop_h, crop_w, out_h, out_w):
 
 
 @nb.njit(nogil=True, fastmath=False, cache=True)
+def scaled_region(img_h, img_w, top, left, h, w, out_h, out_w):
+    """What a crop (top, left, h, w) resized to out_h x out_w decodes: the
+    scale denominator, the scaled image's width, and the scaled rows
+    [r0, r1) and columns [c0, c1) that cover the crop."""
+    d = dct_scale(h, w, out_h, out_w)
+    sh = (img_h + d - 1) // d
+    sw = (img_w + d - 1) // d
+    return (d, sw, top // d, min((top + h + d - 1) // d, sh), left // d,
+            min((left + w + d - 1) // d, sw))
+
+
+@nb.njit(nogil=True, fastmath=False, cache=True)
 def decode_crop_resize(jpeg, img_h, img_w, top, left, h, w, out):
     """out <- the box (top, left, h, w) of the JPEG (an img_h x img_w image)
     resized to out's shape. Returns False, leaving ``out`` black, when the
@@ -127,13 +139,7 @@ def decode_crop_resize(jpeg, img_h, img_w, top, left, h, w, out):
     malloc hands the same memory back call after call, whereas a buffer in
     FFCV's per-sample memory would have to fit the file's largest image and be
     allocated and paged in again, for every slot of every batch, each epoch."""
-    d = dct_scale(h, w, out.shape[0], out.shape[1])
-    sh = (img_h + d - 1) // d
-    sw = (img_w + d - 1) // d
-    r0 = top // d
-    r1 = min((top + h + d - 1) // d, sh)
-    c0 = left // d
-    c1 = min((left + w + d - 1) // d, sw)
+    d, sw, r0, r1, c0, c1 = scaled_region(img_h, img_w, top, left, h, w, out.shape[0], out.shape[1])
     geometry = np.empty(2, np.uint32)
     buf = np.empty((r1 - r0) * sw * 3, np.uint8)
     status = _decode_region(jpeg.ctypes.data, jpeg.size, img_w, img_h, d, r0, r1 - r0, c0, c1 - c0,
