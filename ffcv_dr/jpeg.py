@@ -48,12 +48,13 @@ RESTART_INTERVAL = 4   # MCUs at most: files grow ~1%, a crop's piece is within 
 def add_restarts(data, splice: bool = True) -> np.ndarray:
     """The JPEG ``data`` rewritten losslessly with restart markers that let
     the decoder cut out a crop's intervals (see ``_jpeg.c``): the same
-    pixels, baseline, optimized Huffman tables. ``data`` itself where that
-    does not apply (not 8-bit, not grey or 3 components, damaged data).
+    pixels, baseline, optimal Huffman tables (the source's AC tables where
+    they are as good). ``data`` itself where that does not apply (not 8-bit,
+    not grey or 3 components, damaged data).
 
-    A sequential JPEG is re-marked symbol by symbol (``_restarts.c``, a
-    quarter of the time); anything else, or with ``splice=False``, goes
-    through libjpeg's coefficients."""
+    A sequential JPEG is re-marked at the level of its Huffman symbols
+    (``_restarts.c``, 0.4 of the time); anything else, or with
+    ``splice=False``, goes through libjpeg's coefficients."""
     data = np.frombuffer(bytes(data), np.uint8) if not isinstance(data, np.ndarray) else data
     source = data.tobytes()
     room = 2 * data.size + 65536

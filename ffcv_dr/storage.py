@@ -14,7 +14,7 @@ when its longer side exceeds ``max_resolution``, then stored as
 - ``smart``: raw, or a JPEG when the pixels take more than ``smart_threshold`` bytes.
 
 Every stored JPEG is then rewritten losslessly with restart markers
-(:func:`ffcv_dr.jpeg.add_restarts`, Huffman symbols re-emitted without
+(:func:`ffcv_dr.jpeg.add_restarts`, its Huffman-coded data re-marked without
 decoding to pixels): the same pixels, and the loader entropy-decodes only
 the part of it that a crop covers.
 
