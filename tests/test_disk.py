@@ -3,6 +3,7 @@ gives, for every recipe and order (mixing partners are read from the file);
 QUASI_RANDOM reads page by page, honours indices and, under torchrun, gives
 each rank whole pages of its own."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -168,7 +169,8 @@ def test_damaged_records_are_replaced_alike_without_the_os_cache(mixing_beton, t
         ('MixUp lambda NaN', 'image', rec.fields['mixup_lam'][1], np.float32('nan').tobytes())])
     results = {}
     for os_cache in (False, True):
-        batches, loader = epochs(bad, order=OrderOption.QUASI_RANDOM, os_cache=os_cache, p=1.0)
+        with pytest.warns(RuntimeWarning, match=re.escape(bad) + r': \d+ samples .* hold damaged records'):
+            batches, loader = epochs(bad, order=OrderOption.QUASI_RANDOM, os_cache=os_cache, p=1.0)
         results[os_cache] = batches, sorted(loader.clock.damaged().tolist())
     assert_same_batches(results[False][0], results[True][0])
     assert results[False][1] == results[True][1] == sorted(hits)
