@@ -11,7 +11,6 @@ with the system's C compiler.
 
     .venv/bin/python benchmarks/region_profile.py out/imagenet-sample-ns400.beton [--size 176]
 """
-import argparse
 import ctypes
 import os
 import subprocess
@@ -22,11 +21,12 @@ import time
 import numpy as np
 
 from ffcv_dr import _resize
-from ffcv_dr.beton import BetonFile
 from ffcv_dr.geometry import scale_box
 from ffcv_dr.jpeg import decode_region, scaled_region
 from ffcv_dr.record_bytes import read_u16
 from ffcv_dr.render import render_layout
+
+from replay_profile import profiled_file   # benchmarks/, the script's own folder
 
 REPS = 5
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,14 +67,7 @@ def resize_seconds(pixels, out):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('beton')
-    parser.add_argument('--size', type=int, default=None, help="output side (default: the recipe's)")
-    args = parser.parse_args()
-    f = BetonFile(args.beton)
-    if f.recipe.mixing or not f.recipe.num_samples:
-        raise SystemExit(f'{args.beton}: profiles stored reinforcements of a recipe without mixing')
-    size = args.size or f.recipe.size
+    f, size = profiled_file(__doc__.split('\n\n')[0])
     layout, meta = render_layout(f.recipe), f.image_meta
     js = np.random.default_rng(0).integers(0, f.recipe.num_samples, len(f))
     out = np.empty((size, size, 3), np.uint8)

@@ -70,15 +70,22 @@ def best_ms(fn, n, repeats=5):
     return min(times) / n * 1e3
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+def profiled_file(description: str) -> tuple:
+    """(the .beton, the output side) from the command line: a file of stored
+    reinforcements of a recipe without mixing."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument('beton')
     parser.add_argument('--size', type=int, default=None, help="output side (default: the recipe's)")
     args = parser.parse_args()
     f = BetonFile(args.beton)
     if f.recipe.mixing or not f.recipe.num_samples:
         raise SystemExit(f'{args.beton}: profiles stored reinforcements of a recipe without mixing')
-    n, size = len(f), args.size or f.recipe.size
+    return f, args.size or f.recipe.size
+
+
+def main():
+    f, size = profiled_file(__doc__.split('\n\n')[0])
+    n = len(f)
     blocks = [np.array(f.image_block(i)) for i in range(n)]
     offsets = np.concatenate([[0], np.cumsum([b.size for b in blocks])])
     data, meta = np.concatenate(blocks), f.image_meta
