@@ -17,12 +17,14 @@ D           ml-dr's loader design: one pickle of all reinforcements read per
             sample, PIL decode, torchvision ops, a PyTorch DataLoader;
 A           libjpeg-turbo full decode of the original JPEGs (a ceiling).
 
-B and C run at each output size, in epochs of at least ``epoch_images``
+First ``ffcv-dr convert`` against FFCV's writer, before any loader has run
+(as the command runs, in a process of its own), rounds interleaved, each
+converting at least ``CONVERT_IMAGES`` (the images linked again as needed).
+Then B and C run at each output size, in epochs of at least ``epoch_images``
 (the file's indices tiled), every loader one epoch per round, rounds
 interleaved; round 0 compiles and warms up, the median of the others is
 reported. Time to first batch is measured in new processes, the first with
-an empty numba cache and the second with the cache the first left. Then
-``ffcv-dr convert`` against FFCV's writer.
+an empty numba cache and the second with the cache the first left.
 """
 from __future__ import annotations
 
@@ -51,11 +53,12 @@ from .beton import BetonFile
 from .writer import WRITER_CHUNK
 from .format import RA_OPS, STORED_JPEG
 from .mldr import load_pickle, sample_limits
-from .mldr.export import write_mldr_files
+from .mldr.export import mldr_sample, write_mldr_config, write_mldr_files
 from .pipelines import epoch_rate, epoch_rates, image_stages
 
 _imdecode = nb.njit(nogil=True)(imdecode)
 RSS_EPOCHS = 10
+CONVERT_IMAGES = 4000   # FFCV's writer takes ~0.45 s to start: conversions of seconds, per-image rates
 
 
 class _JpegBytesField(RGBImageField):
@@ -194,6 +197,30 @@ class MldrStyleDataset(torch.utils.data.Dataset):
         return x, target
 
 
+def tiled_mldr_folder(f: BetonFile, images: str, root: str, count: int = CONVERT_IMAGES) -> tuple:
+    """``write_mldr_folder``'s two folders with every image ``ceil(count /
+    len(f))`` times, copy t of image i as image i * copies + t (its JPEG a
+    link, its pickle its own: a pickle names its image's index): conversions
+    long enough to time. Returns (images, mldr, how many images)."""
+    import torch
+    copies = -(-count // len(f))
+    images = os.path.abspath(images)   # what the links name
+    out_images, out_mldr = os.path.join(root, 'images'), os.path.join(root, 'reinforced_data')
+    for label in os.listdir(images):
+        os.makedirs(os.path.join(out_images, label))
+        for name in os.listdir(os.path.join(images, label)):
+            for t in range(copies):
+                os.symlink(os.path.join(images, label, name),
+                           os.path.join(out_images, label, f'{name[:-4]}_{t:05d}.jpg'))
+    os.makedirs(out_mldr)
+    for i in range(len(f)):
+        samples = mldr_sample(f, i)[1]
+        for t in range(copies):
+            torch.save((i * copies + t, samples), os.path.join(out_mldr, f'{i * copies + t}.pth.tar'))
+    write_mldr_config(f.recipe, out_mldr)
+    return out_images, out_mldr, len(f) * copies
+
+
 def ffcv_writer_rate(images, path, workers, field: RGBImageField) -> float:
     """FFCV's own conversion of the ImageFolder into ``field``, as its ImageNet
     example writes it (with ffcv-dr's work-item size, so both balance their
@@ -258,6 +285,19 @@ def run(beton: str, out_dir: str, workers: int = None, batch_size: int = 64,
         files = {'B_same': os.path.join(tmp, 'same.beton'), 'B_imagenet': os.path.join(tmp, 'imagenet.beton'),
                  'B_jpg': os.path.join(tmp, 'jpg.beton'), 'C_orig': beton,
                  'C_matched': os.path.join(tmp, 'matched.beton')}
+        # conversions first, in a process that has run no loader yet, as `ffcv-dr convert` runs
+        convert_rates, writer_rates = [], []
+        out = os.path.join(tmp, 'out.beton')
+        many_images, many_mldr, res['convert_images'] = tiled_mldr_folder(f, images, os.path.join(tmp, 'tiled'))
+        for r in range(repeats + 1):  # the first of each imports what it uses: warm-up
+            start = time.perf_counter()
+            convert(many_images, out, many_mldr, num_workers=workers, num_classes=f.recipe.num_classes)
+            convert_rates.append(res['convert_images'] / (time.perf_counter() - start))
+            os.remove(out)  # so that neither write waits on the other's pages going to disk
+            writer_rates.append(ffcv_writer_rate(many_images, out, workers,
+                                                 RGBImageField(write_mode='jpg', jpeg_quality=90)))
+            os.remove(out)
+        res['rates']['convert_ffcv_dr'], res['rates']['convert_ffcv_writer'] = convert_rates[1:], writer_rates[1:]
         write_plain_beton(f, files['B_same'], workers)
         ffcv_writer_rate(images, files['B_imagenet'], workers, RGBImageField(**FFCV_IMAGENET))
         ffcv_writer_rate(images, files['B_jpg'], workers, RGBImageField(write_mode='jpg', jpeg_quality=90))
@@ -301,17 +341,6 @@ def run(beton: str, out_dir: str, workers: int = None, batch_size: int = 64,
             'C_orig': [first_batch_seconds('ffcv-dr', beton, sizes[-1], batch_size, workers, cold)
                        for _ in range(2)]}
 
-        convert_rates, writer_rates = [], []
-        out = os.path.join(tmp, 'out.beton')
-        for r in range(repeats + 1):  # the first of each imports what it uses: warm-up
-            start = time.perf_counter()
-            convert(images, out, mldr, num_workers=workers, num_classes=f.recipe.num_classes)
-            convert_rates.append(n / (time.perf_counter() - start))
-            os.remove(out)  # so that neither write waits on the other's pages going to disk
-            writer_rates.append(ffcv_writer_rate(images, out, workers,
-                                                 RGBImageField(write_mode='jpg', jpeg_quality=90)))
-            os.remove(out)
-        res['rates']['convert_ffcv_dr'], res['rates']['convert_ffcv_writer'] = convert_rates[1:], writer_rates[1:]
     return summarise(res, out_dir)
 
 
