@@ -318,7 +318,7 @@ def run(beton: str, out_dir: str, workers: int = None, batch_size: int = 64,
                 rate = epoch_rate(loader)
                 if r:
                     res['rates'].setdefault(name, []).append(rate)
-            print(f'round {r}: ' + ', '.join(f'{k} {v[-1]:.0f}' for k, v in res['rates'].items()))
+            print(f'round {r}: ' + ', '.join(f'{k} {res["rates"][k][-1]:.0f}' for k in loaders if r))
         loader = loaders[f'C_orig@{sizes[-1]}']
         del loaders
         rss = []
