@@ -3,7 +3,10 @@ splicer (``_restarts.c``) and libjpeg's route through the coefficients beside
 a full decode of the same JPEGs, with the size of what each writes; then
 ``ffcv-dr convert`` with each (and with no markers, as before they existed)
 against FFCV's own writer (jpg, quality 90), rounds interleaved, the first
-round a warm-up.
+round a warm-up. These rounds are of the folder's images as they are (500 for
+the sample), which compares the routes with each other; against FFCV's
+writer, whose start-up (about half a second) they count too, the rate at
+scale is ``convert_scale.py``'s.
 
     .venv/bin/python benchmarks/remark_profile.py ../shared/data/imagenet-sample/train \\
         --mldr ../shared/fixtures/mldr-randaug-ns400/reinforced_data
