@@ -17,7 +17,7 @@ import time
 import numpy as np
 from ffcv.fields import RGBImageField
 
-from ffcv_dr.bench import ffcv_writer_rate, tiled_mldr_folder, write_mldr_folder
+from ffcv_dr.bench import ffcv_writer_rate, write_mldr_folder
 from ffcv_dr.beton import BetonFile
 from ffcv_dr.convert import convert
 
@@ -31,8 +31,8 @@ def main():
     args = parser.parse_args()
     f = BetonFile(args.beton)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.beton))) as tmp:
-        images, _ = write_mldr_folder(f, tmp)
-        sets = [tiled_mldr_folder(f, images, os.path.join(tmp, f'x{k}'), k * args.images) for k in (1, 2)]
+        copies = [-(-k * args.images // len(f)) for k in (1, 2)]
+        sets = [(*write_mldr_folder(f, os.path.join(tmp, f'x{c}'), c), c * len(f)) for c in copies]
         out, seconds = os.path.join(tmp, 'out.beton'), {}
         for r in range(args.rounds + 1):
             for folder, mldr, n in sets:

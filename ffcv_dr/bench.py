@@ -53,7 +53,7 @@ from .beton import BetonFile
 from .writer import WRITER_CHUNK
 from .format import RA_OPS, STORED_JPEG
 from .mldr import load_pickle, sample_limits
-from .mldr.export import mldr_sample, write_mldr_config, write_mldr_files
+from .mldr.export import write_mldr_files
 from .pipelines import epoch_rate, epoch_rates, image_stages
 
 _imdecode = nb.njit(nogil=True)(imdecode)
@@ -143,17 +143,23 @@ def plain_ffcv_loader(path, batch_size, workers, size, device=None, indices=None
                                  'label': label})
 
 
-def write_mldr_folder(f: BetonFile, root: str):
+def write_mldr_folder(f: BetonFile, root: str, copies: int = 1):
     """The .beton's contents as ml-dr distributes them: an ImageFolder of the
-    JPEGs and a reinforced_data folder with one pickle per image."""
+    JPEGs and a reinforced_data folder with one pickle per image. With
+    ``copies``, every image that many times in a row (copy t of image i is
+    image i * copies + t, its JPEG a link to the first): a conversion long
+    enough to time."""
     images, mldr = os.path.join(root, 'images'), os.path.join(root, 'reinforced_data')
     labels = [f.label(i) for i in range(len(f))]
     if labels != sorted(labels):
         raise ValueError(f'{f.path}: labels are not in ImageFolder order')
     for i, label in enumerate(labels):
         os.makedirs(os.path.join(images, f'{label:05d}'), exist_ok=True)
-        f.payload(i).tofile(os.path.join(images, f'{label:05d}', f'{i:08d}.jpg'))
-    write_mldr_files(f, mldr)
+        first = os.path.abspath(os.path.join(images, f'{label:05d}', f'{i:08d}.jpg'))
+        f.payload(i).tofile(first)
+        for t in range(1, copies):   # sorted after the first, before image i + 1
+            os.symlink(first, f'{first[:-4]}_{t:05d}.jpg')
+    write_mldr_files(f, mldr, copies)
     return images, mldr
 
 
@@ -195,30 +201,6 @@ class MldrStyleDataset(torch.utils.data.Dataset):
         target = torch.full((self.num_classes,), (1 - sum(values)) / (self.num_classes - len(values)))
         target[list(ids)] = torch.tensor(values)
         return x, target
-
-
-def tiled_mldr_folder(f: BetonFile, images: str, root: str, count: int = CONVERT_IMAGES) -> tuple:
-    """``write_mldr_folder``'s two folders with every image ``ceil(count /
-    len(f))`` times, copy t of image i as image i * copies + t (its JPEG a
-    link, its pickle its own: a pickle names its image's index): conversions
-    long enough to time. Returns (images, mldr, how many images)."""
-    import torch
-    copies = -(-count // len(f))
-    images = os.path.abspath(images)   # what the links name
-    out_images, out_mldr = os.path.join(root, 'images'), os.path.join(root, 'reinforced_data')
-    for label in os.listdir(images):
-        os.makedirs(os.path.join(out_images, label))
-        for name in os.listdir(os.path.join(images, label)):
-            for t in range(copies):
-                os.symlink(os.path.join(images, label, name),
-                           os.path.join(out_images, label, f'{name[:-4]}_{t:05d}.jpg'))
-    os.makedirs(out_mldr)
-    for i in range(len(f)):
-        samples = mldr_sample(f, i)[1]
-        for t in range(copies):
-            torch.save((i * copies + t, samples), os.path.join(out_mldr, f'{i * copies + t}.pth.tar'))
-    write_mldr_config(f.recipe, out_mldr)
-    return out_images, out_mldr, len(f) * copies
 
 
 def ffcv_writer_rate(images, path, workers, field: RGBImageField) -> float:
@@ -288,7 +270,9 @@ def run(beton: str, out_dir: str, workers: int = None, batch_size: int = 64,
         # conversions first, in a process that has run no loader yet, as `ffcv-dr convert` runs
         convert_rates, writer_rates = [], []
         out = os.path.join(tmp, 'out.beton')
-        many_images, many_mldr, res['convert_images'] = tiled_mldr_folder(f, images, os.path.join(tmp, 'tiled'))
+        copies = -(-CONVERT_IMAGES // n)
+        many_images, many_mldr = write_mldr_folder(f, os.path.join(tmp, 'tiled'), copies)
+        res['convert_images'] = n * copies
         for r in range(repeats + 1):  # the first of each imports what it uses: warm-up
             start = time.perf_counter()
             convert(many_images, out, many_mldr, num_workers=workers, num_classes=f.recipe.num_classes)

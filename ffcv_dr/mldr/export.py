@@ -38,12 +38,16 @@ def mldr_sample(f, index: int) -> tuple:
     return index, samples
 
 
-def write_mldr_files(f, mldr: str) -> str:
-    """Every image's pickle and the config into the folder ``mldr``."""
+def write_mldr_files(f, mldr: str, copies: int = 1) -> str:
+    """Every image's pickle and the config into the folder ``mldr``; with
+    ``copies``, image i's as those of images i * copies to i * copies +
+    copies - 1 (a pickle names its image's index)."""
     import torch
     os.makedirs(mldr, exist_ok=True)
     for i in range(len(f)):
-        torch.save(mldr_sample(f, i), os.path.join(mldr, f'{i}.pth.tar'))
+        samples = mldr_sample(f, i)[1]
+        for j in range(i * copies, (i + 1) * copies):
+            torch.save((j, samples), os.path.join(mldr, f'{j}.pth.tar'))
     write_mldr_config(f.recipe, mldr)
     return mldr
 
