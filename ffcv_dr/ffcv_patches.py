@@ -12,6 +12,12 @@ it is a key in numba's overload tables. Jitted kernels that outlive one
 ``Loader`` (ours live at module level) then fail to type-check, or hang,
 when the next Loader compiles. The replacements below build new read-only
 types and leave the interned ones alone.
+
+FFCV never tells its decoders the epoch. Every ``ffcv.Loader`` (ffcv-dr's
+and plain ones built with ffcv-dr's decoders) now binds the decoders'
+:class:`~ffcv_dr.replay_clock.ReplayClock` to its file before compiling
+them, and advances it as each epoch starts, so each epoch replays new
+reinforcements without a ``set_epoch`` call.
 """
 from queue import Full
 
@@ -19,9 +25,12 @@ import numba as nb
 import numpy as np
 from ffcv.loader import epoch_iterator
 from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.loader.loader import Loader
 from ffcv.pipeline.compiler import Compiler
 from ffcv.memory_managers.os_cache import OSCacheManager
 from ffcv.memory_managers.process_cache.manager import ProcessCacheManager
+
+from .replay_clock import ReplayClock
 
 
 def _readonly(dtype, ndim):
@@ -89,3 +98,37 @@ def _next_raising_errors(self):
 
 EpochIterator.run = _run_handing_over_errors
 EpochIterator.__next__ = _next_raising_errors
+
+
+def replay_clocks(loader) -> list:
+    """The distinct ReplayClocks of a Loader's operations."""
+    clocks = []
+    for spec in loader.pipeline_specs.values():
+        for op in (spec.decoder, *spec.transforms):
+            clock = getattr(op, 'clock', None)
+            if isinstance(clock, ReplayClock) and all(clock is not c for c in clocks):
+                clocks.append(clock)
+    return clocks
+
+
+_generate_code, _iter = Loader.generate_code, Loader.__iter__
+
+
+def _generate_code_with_bound_clocks(self):
+    unbound = [clock for clock in replay_clocks(self) if not clock.bound]
+    if unbound:
+        from .beton import BetonFile
+        beton = BetonFile(self.fname)  # refuses, naming the file, what is not an ffcv-dr file
+        for clock in unbound:
+            clock.bind(beton)
+    return _generate_code(self)
+
+
+def _iter_advancing_clocks(self):
+    for clock in replay_clocks(self):
+        clock.follow(self.next_epoch)
+    return _iter(self)
+
+
+Loader.generate_code = _generate_code_with_bound_clocks
+Loader.__iter__ = _iter_advancing_clocks

@@ -91,9 +91,11 @@ def sample_table(address, n):
 class ReplayClock:
     """The replay state shared by the image and target decoders of a loader.
 
-    ``ffcv_dr.Loader`` advances it at the start of each epoch; with a plain
-    ``ffcv.Loader`` call :meth:`set_epoch` before iterating, as with
-    ``DistributedSampler.set_epoch``.
+    It follows the epoch of the FFCV Loader it is in, ``ffcv_dr.Loader`` or a
+    plain ``ffcv.Loader`` alike (:mod:`ffcv_dr.ffcv_patches` advances it as
+    each epoch starts), and is bound to the Loader's file when the Loader is
+    built, so nothing needs calling per epoch. :meth:`set_epoch` overrides
+    the epoch the next iteration replays, as ``DistributedSampler.set_epoch``.
     """
 
     def __init__(self, seed: int = 0, p: float = 1.0):
@@ -104,6 +106,7 @@ class ReplayClock:
         self._epoch = np.zeros(1, np.int64)   # read by compiled code by address
         self.path = self.source = None  # the file's name, and what the decoders read
         self._table, self._reported = None, 0
+        self._pinned = False  # set_epoch was called since the last epoch started
 
     def bind(self, beton):
         """Give the decoders the file's per-sample table (an opened
@@ -156,8 +159,21 @@ class ReplayClock:
     def epoch(self) -> int:
         return int(self._epoch[0])
 
+    @property
+    def bound(self) -> bool:
+        return self._table is not None
+
     def set_epoch(self, epoch: int):
+        """Replay ``epoch`` in the next iteration, whatever the Loader's own
+        count says; the epochs after it follow the Loader again."""
         self._epoch[0] = epoch
+        self._pinned = True
+
+    def follow(self, epoch: int):
+        """The Loader starts ``epoch``: replay it unless :meth:`set_epoch` chose another."""
+        if not self._pinned:
+            self._epoch[0] = epoch
+        self._pinned = False
 
     def choices(self, indices, num_samples: int, epoch: int = None) -> np.ndarray:
         """j for each index at ``epoch`` (default: the current one); -1 = fresh."""

@@ -63,7 +63,7 @@ def on_small_disk(disk, size: str, args, patch: str = ''):
         pytest.skip('needs unshare(1) to mount a small disk')
     code = f'import sys\n{patch}\nimport ffcv_dr.cli as cli\nsys.exit(cli.main(sys.argv[1:]))'
     script = (f'mount -t tmpfs -o size={size} ffcv-dr-test-disk {disk} || exit 77; '
-              f'"{sys.executable}" -c "$0" "$@"; echo $?; ls -A {disk}')
+              f'"{sys.executable}" -c "$0" "$@" 1>&2; echo $?; ls -A {disk}')
     proc = subprocess.run(['unshare', '--mount', '--propagation', 'private', 'sh', '-c', script, code,
                            *map(str, args)], capture_output=True, text=True, timeout=600)
     if proc.returncode:

@@ -491,11 +491,13 @@ def test_disk_filling_up_during_the_write_stops_with_a_message(tmp_path):
 
 def test_a_full_disk_is_one_line_naming_the_output_the_device_and_the_bytes_needed(tmp_path):
     """A real full disk (ENOSPC) half-way through the write: the free-space
-    check passes (as when another job fills the disk after it) and a 24 MB
-    tmpfs fills up. One line, no worker tracebacks, nothing left behind."""
+    check passes (as when another job fills the disk after it) and a tmpfs of
+    half the images' size fills up. One line, no worker tracebacks, nothing
+    left behind."""
     disk = tmp_path / 'disk'
     disk.mkdir()
-    stderr, code, left = on_small_disk(disk, '24m', ['convert', IMAGES, disk / 'x.beton', '--mldr', RANDAUG,
+    half = sum(os.path.getsize(p) for p in list_images(IMAGES).paths) // 2
+    stderr, code, left = on_small_disk(disk, f'{half >> 10}k', ['convert', IMAGES, disk / 'x.beton', '--mldr', RANDAUG,
                                                      '--workers', '2'],
                                        'import ffcv_dr.writer as w; w._check_free_space = lambda *a: 150 << 20')
     errors = re.findall(r'ffcv-dr convert: .*', stderr)

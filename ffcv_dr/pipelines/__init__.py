@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.loader import OrderOption
+from ffcv.loader.loader import DEFAULT_OS_CACHE
 from ffcv.pipeline import PipelineSpec
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
@@ -57,13 +58,17 @@ def image_stages(device=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=np.flo
             NormalizeImage(np.asarray(mean), np.asarray(std), dtype)]
 
 
-def train_pipelines(clock: ReplayClock, output_size: Optional[Tuple[int, int]] = None,
-                    device=None, densify: str = 'smooth', labels: bool = False,
+def train_pipelines(clock: Optional[ReplayClock] = None,
+                    output_size: Optional[Tuple[int, int]] = None, device=None,
+                    densify: str = 'smooth', labels: bool = False,
                     reinforcement_index: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                     dtype=np.float16) -> dict:
     """``pipelines`` for ``ffcv.Loader`` (with ``custom_fields=CUSTOM_FIELDS``):
     images as :func:`image_stages` gives them, float32 soft targets (and labels)
-    on ``device``. ``clock`` must be bound to the file (``clock.bind(BetonFile(path))``)."""
+    on ``device``. The decoders share ``clock`` (default: a new
+    ``ReplayClock()``, seed 0, p 1); the Loader binds it to its file and
+    advances it every epoch."""
+    clock = ReplayClock() if clock is None else clock
     to_device = [] if device is None else [ToDevice(torch.device(device), non_blocking=True)]
     pipelines = {'image': [ReinforcedImageDecoder(output_size, clock),
                            *image_stages(device, mean, std, dtype)],
@@ -77,15 +82,36 @@ def train_pipelines(clock: ReplayClock, output_size: Optional[Tuple[int, int]] =
     return pipelines
 
 
+def _operations(spec) -> list:
+    if isinstance(spec, PipelineSpec):
+        return [spec.decoder, *spec.transforms]
+    return list(spec or ())
+
+
 class Loader(ffcv.loader.Loader):
     """An ``ffcv.Loader`` that replays the stored reinforcements.
+
+    FFCV's arguments come first, with FFCV's names, order and meaning
+    (``fname, batch_size, num_workers, os_cache, order, distributed, seed,
+    indices, pipelines, custom_fields, drop_last, batches_ahead,
+    recompile``); ffcv-dr's own are keyword-only after them. Two defaults
+    differ from FFCV's: ``order`` is RANDOM (this is a training loader;
+    FFCV's SEQUENTIAL would feed each class in turn), and ``seed`` is 0, not
+    a random one, so a run's replays and its resume state are reproducible
+    (``seed=None`` draws one as FFCV does).
 
     Yields ``(images, soft_targets)``, then ``labels`` and the replayed
     reinforcement index ``j`` (-1: fresh augmentation) when asked for. Each
     epoch sample i replays j = f(seed, epoch, i); the same ``seed`` also seeds
-    FFCV's traversal order. ``p`` is the probability of replaying a stored
-    reinforcement rather than drawing a fresh augmentation (the recipe's ops,
-    without mixing) with the one-hot label (ml-dr trains with 0.99).
+    FFCV's traversal order. ``pipelines`` changes these as in FFCV: a field's
+    list replaces ours (``None`` leaves the field out), e.g.
+    ``{'image': [ReinforcedImageDecoder(), ToTensor(), ToDevice(dev),
+    ToTorchImage(), NormalizeImage(mean, std, np.float16), MyOp()]}`` or
+    ``{'label': [IntDecoder(), ToTensor(), Squeeze()]}``; ffcv-dr decoders in
+    it replay with this Loader's clock (its ``seed`` and ``p``). ``p`` is the
+    probability of replaying a stored reinforcement rather than drawing a
+    fresh augmentation (the recipe's ops, without mixing) with the one-hot
+    label (ml-dr trains with 0.99).
     ``order=OrderOption.QUASI_RANDOM`` reads the file page by page, for a file
     larger than memory with ``os_cache=False``, also with ``distributed=True``
     (:mod:`ffcv_dr.page_order`); mixing recipes then read each paired image
@@ -99,17 +125,23 @@ class Loader(ffcv.loader.Loader):
     """
 
     def __init__(self, fname: str, batch_size: int, num_workers: int = -1,
-                 order=OrderOption.RANDOM, distributed: bool = False, seed: int = 0,
-                 p: float = 1.0, output_size: Optional[Tuple[int, int]] = None,
-                 device=None, densify: str = 'smooth', labels: bool = False,
-                 reinforcement_index: bool = False, indices: Sequence[int] = None,
-                 os_cache: bool = True, drop_last: bool = True, batches_ahead: int = 3,
-                 dtype=np.float16, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 os_cache: bool = DEFAULT_OS_CACHE, order=OrderOption.RANDOM,
+                 distributed: bool = False, seed: Optional[int] = 0,
+                 indices: Sequence[int] = None, pipelines: Optional[dict] = None,
+                 custom_fields: Optional[dict] = None, drop_last: bool = True,
+                 batches_ahead: int = 3, recompile: bool = False, *, p: float = 1.0,
+                 output_size: Optional[Tuple[int, int]] = None, device=None,
+                 densify: str = 'smooth', labels: bool = False,
+                 reinforcement_index: bool = False, dtype=np.float16, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD):
+        if seed is None:  # FFCV's meaning: 0 under distributed, so every rank agrees
+            seed = 0 if distributed else int(np.random.randint(0, np.iinfo('int32').max))
         arguments.check(batch_size=batch_size, num_workers=num_workers, order=order,
                         distributed=distributed, seed=seed, p=p, densify=densify, labels=labels,
                         reinforcement_index=reinforcement_index, os_cache=os_cache,
                         drop_last=drop_last, batches_ahead=batches_ahead, dtype=dtype, mean=mean,
-                        std=std)
+                        std=std, recompile=recompile)
+        arguments.pipelines(pipelines)
         device = arguments.device(device)
         self.clock = ReplayClock(seed, p)
         source = _hold(self, fname)
@@ -121,9 +153,14 @@ class Loader(ffcv.loader.Loader):
         output_size = arguments.output_size(output_size, batch_size, batches_ahead + 2,
                                             self._bytes_per_pixel, beton.recipe.size)
         self.clock.bind(beton)
-        pipelines = train_pipelines(self.clock, output_size, device, densify, labels,
-                                    reinforcement_index, mean, std, dtype)
-        self.image_decoder = pipelines['image'][0]
+        ours = train_pipelines(self.clock, output_size, device, densify, labels,
+                               reinforcement_index, mean, std, dtype)
+        ours.update(pipelines or {})
+        for op in (op for spec in ours.values() for op in _operations(spec)):
+            if isinstance(getattr(op, 'clock', None), ReplayClock):
+                op.clock = self.clock   # image and target agree; seed, p and resume hold
+        self.image_decoder = next((op for op in _operations(ours.get('image'))
+                                   if isinstance(op, ReinforcedImageDecoder)), None)
         self._identity = resume.identity(source, len(beton), indices, distributed, seed=seed,
                                          p=p, order=order, batch_size=batch_size,
                                          drop_last=drop_last, densify=densify)
@@ -133,8 +170,8 @@ class Loader(ffcv.loader.Loader):
             super().__init__(source, batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=OrderOption.SEQUENTIAL if quasi_random else order,
                              distributed=distributed, seed=seed, indices=indices,
-                             pipelines=pipelines, custom_fields=CUSTOM_FIELDS,
-                             drop_last=drop_last, batches_ahead=batches_ahead)
+                             pipelines=ours, custom_fields={**CUSTOM_FIELDS, **(custom_fields or {})},
+                             drop_last=drop_last, batches_ahead=batches_ahead, recompile=recompile)
         except ValueError as e:
             raise ValueError(f'{fname}: {e}') from None
         self.fname = fname  # FFCV reads ``source``
@@ -146,7 +183,6 @@ class Loader(ffcv.loader.Loader):
 
     def __iter__(self):
         self.clock.report_damaged()  # what the epochs before found
-        self.clock.set_epoch(self.next_epoch)
         epoch, done = self.next_epoch, self._skip
         return resume.Delivered(super().__iter__(), self, epoch, done)
 
@@ -168,7 +204,8 @@ class Loader(ffcv.loader.Loader):
         if batches >= len(self):   # every batch handed out, the end not yet seen
             epoch, batches = epoch + 1, 0
         return {'format': resume.FORMAT, 'epoch': epoch, 'batches': batches,
-                'output_size': self.image_decoder.output_size, **self._valid_for()}
+                'output_size': self.image_decoder and self.image_decoder.output_size,
+                **self._valid_for()}
 
     def load_state_dict(self, state: dict):
         """Continue from ``state`` (of a Loader built with the same file and
@@ -196,6 +233,9 @@ class Loader(ffcv.loader.Loader):
         compiled decoder takes the size from the buffer it writes to (stored
         boxes and translations scale with it), so the next epoch's first
         batch comes as fast as any other."""
+        if self.image_decoder is None:
+            raise ValueError(f'{self.fname}: set_output_size needs a ReinforcedImageDecoder in the '
+                             "'image' pipeline, and this Loader's pipelines have none")
         self.image_decoder.output_size = arguments.output_size(
             output_size, self.batch_size, self.batches_ahead + 2, self._bytes_per_pixel)
 

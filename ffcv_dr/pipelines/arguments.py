@@ -108,7 +108,7 @@ def normalization(name, value):
 
 
 def check(*, batch_size, num_workers, order, distributed, seed, p, densify, labels,
-          reinforcement_index, os_cache, drop_last, batches_ahead, dtype, mean, std):
+          reinforcement_index, os_cache, drop_last, batches_ahead, dtype, mean, std, recompile):
     """Everything that does not need the file."""
     _integer('batch_size', batch_size, 1)
     if num_workers != -1:
@@ -131,10 +131,29 @@ def check(*, batch_size, num_workers, order, distributed, seed, p, densify, labe
     if not ok:
         raise ValueError(f'dtype={dtype!r}: must be np.float16 or np.float32')
     for name, value in (('distributed', distributed), ('labels', labels), ('os_cache', os_cache),
-                        ('reinforcement_index', reinforcement_index), ('drop_last', drop_last)):
+                        ('reinforcement_index', reinforcement_index), ('drop_last', drop_last),
+                        ('recompile', recompile)):
         _flag(name, value)
     normalization('mean', mean)
     normalization('std', std)
+
+
+def pipelines(value):
+    """None, or FFCV's ``pipelines``: a dict from output name to a list of
+    operations, a ``PipelineSpec`` or None (the field left out)."""
+    from collections.abc import Mapping, Sequence
+
+    from ffcv.pipeline import PipelineSpec
+    if value is None:
+        return
+    if not isinstance(value, Mapping):
+        raise ValueError(f'pipelines={value!r}: must be a dict from output name to a list of '
+                         'operations, a PipelineSpec or None, as for ffcv.Loader')
+    for name, spec in value.items():
+        if spec is not None and not isinstance(spec, PipelineSpec) and (
+                not isinstance(spec, Sequence) or isinstance(spec, (str, bytes))):
+            raise ValueError(f'pipelines[{name!r}]={spec!r}: must be a list of operations, a '
+                             'PipelineSpec or None (the field left out)')
 
 
 def per_process(count: int, distributed: bool) -> int:
