@@ -66,7 +66,7 @@ def main(args):
     scaler = torch.amp.GradScaler(enabled=device.type == 'cuda')
     step = 0
     for epoch in range(args.epochs):
-        res = resolution(epoch, args)
+        res, start = resolution(epoch, args), time.perf_counter()
         loader.set_output_size((res, res))                   # progressive resizing, no recompile
         model.train()
         for images, soft_targets in loader:                  # normalised NCHW, float32 (B, classes)
@@ -83,7 +83,7 @@ def main(args):
     # -- the README's training snippet: end
         if rank == 0:
             print(f'epoch {epoch} res {res} loss {loss.item():.4f} lr {group["lr"]:.4g} '
-                  f'{time.strftime("%H:%M:%S")}', flush=True)
+                  f'{time.perf_counter() - start:.1f} s', flush=True)
     if rank == 0 and args.out:
         state = (model.module if distributed else model).state_dict()
         torch.save({'model': state, 'arch': args.arch, 'epochs': args.epochs}, args.out)

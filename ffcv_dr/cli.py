@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -19,8 +20,15 @@ def _storage(args):
                    args.jpeg_quality, args.smart_threshold)
 
 
+def _swapped(images: str, output: str, usage: str):
+    """Refuse an output folder given where the images go, naming the order."""
+    if os.path.isdir(output) and not os.path.isdir(images):
+        raise ValueError(f'{images}: not a directory, and {output} is one: the order is {usage}')
+
+
 def _convert(args):
     from .convert import convert
+    _swapped(args.images, args.output, 'ffcv-dr convert IMAGES_DIR OUT.beton --mldr REINFORCED_DATA')
     result = convert(args.images, args.output, args.mldr, num_workers=args.workers,
                      num_classes=args.num_classes, skip_bad=args.skip_bad, storage=_storage(args))
     recipe = result['recipe']
@@ -56,7 +64,23 @@ def _replay(args):
         out = f.render(index, sample, size=args.size)
         path = os.path.join(args.out, f'{index}_{sample}.png') if many else args.out
         Image.fromarray(out).save(path)
-        print(json.dumps(f.describe(index, sample)))
+        print(json.dumps(_readable(f.describe(index, sample))))
+
+
+BOX = ('top', 'left', 'height', 'width')
+
+
+def _readable(value, key=None):
+    """``describe``'s values as a person reads them: boxes with named fields
+    (the crop in the original image's pixels, the erase box in the output's),
+    float32 magnitudes rounded to the digits they hold."""
+    if isinstance(value, dict):
+        return {k: _readable(v, k) for k, v in value.items()}
+    if key in ('crop', 'erase') and isinstance(value, list):
+        return dict(zip(BOX, value))
+    if isinstance(value, list):
+        return [_readable(v) for v in value]
+    return float(f'{value:.6g}') if isinstance(value, float) else value
 
 
 def _info(args):
@@ -117,6 +141,7 @@ def _quickstart(args):
 
 def _reinforce(args):
     from .reinforce import reinforce
+    _swapped(args.images, args.output, 'ffcv-dr reinforce IMAGES_DIR OUT.beton')
     result = reinforce(args.images, args.output, teacher=args.teacher, samples=args.samples,
                        topk=args.topk, recipe=args.recipe, size=args.size, scale=args.scale,
                        ratio=args.ratio, ra_ops=args.ra_ops, ra_magnitude=args.ra_magnitude,
@@ -167,6 +192,10 @@ def _rate(result) -> str:
 
 
 def _train(args):
+    if args.show_settings:
+        from .train_settings import show_settings
+        print(show_settings())
+        return
     from .train import load_config, train
     train(load_config(args.config, args.set), args.resume)
 
@@ -296,9 +325,10 @@ def _replay_parser(sub):
                        'and print one JSON line per image with its parameters, op names included, '
                        'and teacher top-k. Repeat --index/--sample as pairs; with '
                        'several pairs --out is a folder receiving {I}_{K}.png.')
-    p.add_argument('beton')
-    p.add_argument('--index', type=_int(0), action='append', required=True)
-    p.add_argument('--sample', type=_int(0), action='append', required=True)
+    p.add_argument('beton', help='an ffcv-dr .beton')
+    p.add_argument('--index', type=_int(0), action='append', required=True, help='image index I (repeat)')
+    p.add_argument('--sample', type=_int(0), action='append', required=True,
+                   help='reinforcement K of that image (repeat, one per --index)')
     p.add_argument('--out', required=True, help='PNG file, or folder for several pairs')
     p.add_argument('--size', type=_int(1), default=None, help='output side (default: the recipe\'s)')
     p.set_defaults(run=_replay)
@@ -308,7 +338,7 @@ def _info_parser(sub):
     p = sub.add_parser('info', help='counts and storage breakdown of a .beton',
                        description='Print counts (images, classes, reinforcements, top-k), fields '
                        'and the bytes taken by JPEGs, parameters and probabilities.')
-    p.add_argument('beton')
+    p.add_argument('beton', help='an ffcv-dr .beton')
     p.add_argument('--json', action='store_true', help='one JSON object instead of a table')
     p.set_defaults(run=_info)
 
@@ -317,11 +347,11 @@ def _quickstart_parser(sub):
     p = sub.add_parser('quickstart', help='convert, load one epoch, print images/s',
                        description='Convert an ImageFolder plus ml-dr reinforcements, load one '
                        'epoch with the ffcv-dr Loader and print the throughput.')
-    p.add_argument('images')
-    p.add_argument('mldr')
-    p.add_argument('output')
-    p.add_argument('--workers', type=_int(1), default=None)
-    p.add_argument('--batch-size', type=_int(1), default=64)
+    p.add_argument('images', help='ImageFolder root (class folders of images)')
+    p.add_argument('mldr', help='ml-dr reinforced_data directory or .tar/.tar.gz archive')
+    p.add_argument('output', help='the .beton to write')
+    p.add_argument('--workers', type=_int(1), default=None, help='processes and threads (default: all cores)')
+    p.add_argument('--batch-size', type=_int(1), default=64, help='images per batch')
     p.set_defaults(run=_quickstart)
 
 
@@ -337,7 +367,7 @@ def _reinforce_parser(sub):
     p.add_argument('--samples', type=_int(0), default=8,
                    help='reinforcements per image; 0 writes the images and the recipe only, '
                    'without a teacher, for training with fresh augmentations (train.mode=erm)')
-    p.add_argument('--topk', type=_int(1), default=10)
+    p.add_argument('--topk', type=_int(1), default=10, help='teacher probabilities kept per reinforcement')
     p.add_argument('--recipe', default='rrc+ra+re', choices=RECIPES,
                    help='RandomResizedCrop+flip, + RandAugment and RandomErasing, + MixUp/CutMix')
     p.add_argument('--size', type=_int(1), default=224, help='output side')
@@ -353,7 +383,7 @@ def _reinforce_parser(sub):
                    help="MixUp's lam is divided by this (ml-dr's div_by)")
     p.add_argument('--cutmix-p', type=PROBABILITY, default=DEFAULT_CUTMIX[0], help='CutMix probability (+mix recipes)')
     p.add_argument('--cutmix-alpha', type=POSITIVE, default=DEFAULT_CUTMIX[1], help='CutMix Beta(alpha, alpha)')
-    p.add_argument('--seed', type=_int(0), default=0)
+    p.add_argument('--seed', type=_int(0), default=0, help='seeds the augmentations drawn')
     _job_options(p)
     _storage_options(p)
     p.add_argument('--skip-bad', action='store_true',
@@ -405,8 +435,14 @@ def _train_parser(sub):
     p = sub.add_parser('train', help='train a student (timm or bundled) on a .beton (erm, dr or kd)',
                        description='Train a timm (or bundled) model from an ffcv-dr .beton: ground-truth '
                        'labels (erm), the stored soft targets (dr) or an online teacher (kd). '
-                       'Settings: ffcv_dr.train.DEFAULTS, a YAML file, then --set overrides.')
+                       'Settings: the defaults (--show-settings lists each with its meaning, as a YAML '
+                       'file to start from; configs/ holds ready ones), then the --config file, then '
+                       '--set overrides. train.lr is for a global batch of 256 and is scaled by '
+                       'data.batch_size x processes / 256. OUTPUT/config.yaml records the settings a '
+                       'run used, a template for the next.')
     p.add_argument('--config', help='YAML file of settings')
+    p.add_argument('--show-settings', action='store_true',
+                   help='print every setting with its default and meaning (YAML) and exit')
     p.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE',
                    help='override one setting, e.g. --set train.epochs=8')
     p.add_argument('--resume', action='store_true', help='continue from OUTPUT/checkpoint.pt')
@@ -432,7 +468,7 @@ def _inspect_parser(sub):
     p.add_argument('--index', type=_int(0), action='append', help='image index (repeat); default: random')
     p.add_argument('--samples', type=_int(1), default=4, help='reinforcements per image')
     p.add_argument('--rows', type=_int(1), default=6, help='random images when --index is not given')
-    p.add_argument('--seed', type=_int(0), default=0)
+    p.add_argument('--seed', type=_int(0), default=0, help='seeds the choice of random images')
     p.set_defaults(run=_inspect)
 
 
@@ -444,7 +480,7 @@ def _demo_parser(sub):
                        'ImageNet classes is drawn.')
     p.add_argument('--out', default='out/demo', help='folder for the images, .beton and grid.png')
     p.add_argument('--samples', type=_int(1), default=8, help='reinforcements per photo')
-    p.add_argument('--workers', type=_int(1), default=None)
+    p.add_argument('--workers', type=_int(1), default=None, help='threads (default: all cores)')
     p.set_defaults(run=_demo)
 
 
@@ -469,10 +505,23 @@ def _bench_parser(sub):
     p.set_defaults(run=_bench)
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Help lines end with the default, where there is one to show and the
+    text does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if (action.default not in (None, False, argparse.SUPPRESS) and 'default' not in text
+                and action.option_strings):
+            text += ' (default: %(default)s)'
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='ffcv-dr', description=(
         'Train on reinforced datasets (Dataset Reinforcement) with FFCV.'))
-    sub = parser.add_subparsers(dest='command', required=True)
+    sub = parser.add_subparsers(dest='command', required=True, parser_class=functools.partial(
+        argparse.ArgumentParser, formatter_class=_ShowDefaults))
     for add in (_convert_parser, _replay_parser, _info_parser, _quickstart_parser, _reinforce_parser,
                 _relabel_parser, _subset_parser, _train_parser, _verify_parser, _inspect_parser, _demo_parser,
                 _bench_parser):

@@ -32,7 +32,8 @@ def header_problem(path: str):
         return f'{size} bytes: too short for an FFCV header'
     header = np.fromfile(path, HeaderType, count=1)[0]
     if header['version'] != CURRENT_VERSION:
-        return f'FFCV file format {header["version"]}, not {CURRENT_VERSION}: not an FFCV .beton'
+        return (f'not an FFCV .beton: its header says file format {header["version"]}, and FFCV '
+                f'writes format {CURRENT_VERSION}')
     page = int(header['page_size'])
     if page < 4096 or page & (page - 1):
         return f'page size {page} is not a power of two of at least 4096: the file is damaged'

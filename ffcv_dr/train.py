@@ -48,7 +48,7 @@ from .intake import list_images
 from .jobs import digest, images_digest
 from .models import create
 from .pipelines import Loader, arguments
-from .train_settings import DEFAULTS, MODES, ORDERS, load_config  # noqa: F401 -- the API
+from .train_settings import DEFAULTS, MODES, load_config  # noqa: F401 -- the API
 
 ECE_BINS = 15
 
@@ -174,9 +174,11 @@ class Trainer:
         recipe = train_file.recipe
         r = cfg['resolution']
         self.ramp = r['min_res'] is not None  # train_settings.check: both given, min <= max
-        self.size = (r['max_res'] if self.ramp else None) or d['image_size'] or recipe.size
+        # rendered at the side the network sees where no resize on the device is needed
+        self.size = ((r['max_res'] if self.ramp else None) or d['image_size'] or cfg['model']['input_size']
+                     or recipe.size)
         p = d['p'] if t['mode'] == 'dr' else 0.0  # erm and kd: fresh augmentations only
-        self.train_loader = Loader(d['train'], d['batch_size'], d['workers'], order=ORDERS[d['order']],
+        self.train_loader = Loader(d['train'], d['batch_size'], d['workers'], order=OrderOption[d['order'].upper()],
                                    distributed=self.world > 1, seed=d['seed'], p=p,
                                    output_size=(self.size, self.size), labels=True,
                                    os_cache=d['os_cache'])
@@ -308,14 +310,15 @@ class Trainer:
                 self.ema.update(self.model)
             total += loss.detach()
             count += len(images)
-            if k % 10 == 0:
-                bar.set_postfix(loss=f'{float(loss.detach()):.3f}', lr=f"{self.opt.param_groups[0]['lr']:.3g}")
+            if k % 10 == 0 or k + 1 == steps:  # the epoch's running mean (a sync: not every step)
+                bar.set_postfix(loss=f'{float(total) / (k + 1):.3f}', lr=f"{self.opt.param_groups[0]['lr']:.3g}")
             if every and (k + 1) % every == 0 and k + 1 < steps:
                 self._save(epoch, {'loader': loader.state_dict(), 'total': total.detach().cpu(),
                                    'count': count, 'seconds': time.perf_counter() - start})
         seconds = time.perf_counter() - start
         record = {'train_loss': float(total) / max(1, steps), 'epoch_seconds': seconds,
-                  'train_images_per_s': count * self.world / seconds, 'resolution': int(side)}
+                  'train_images_per_s': count * self.world / seconds,
+                  'resolution': int(self.model.input_size or side)}   # the side the network saw
         return {**record, 'resumed_at_step': first} if first else record
 
     @torch.no_grad()

@@ -9,60 +9,85 @@ import numbers
 import os
 
 import yaml
-from ffcv.loader import OrderOption
 
-ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
-DEFAULTS = {
+ORDERS = ('random', 'quasi_random')  # FFCV's OrderOption names, lower case
+
+# Every setting: (default, what it means). ``ffcv-dr train --show-settings``
+# prints this table as a YAML file to start from.
+SETTINGS = {
     'data': {
-        'train': None,             # the ffcv-dr .beton
-        'val': None,               # a plain FFCV .beton or an ImageFolder (optional)
-        'workers': os.cpu_count(),
-        'batch_size': 256,         # per process
-        'image_size': None,        # training side; default: the recipe's
-        'val_crop_ratio': 0.875,   # centre crop of the validation images (1.0: whole image)
-        'p': 1.0,                  # dr: probability of a stored reinforcement (ml-dr: 0.99)
-        'os_cache': True,          # False: a file bigger than memory, read page by page
-        'order': 'random',         # random | quasi_random (reads a file without os_cache page by page)
-        'seed': 0,
+        'train': (None, 'the ffcv-dr .beton to train on'),
+        'val': (None, 'a plain FFCV .beton or an ImageFolder to evaluate on (optional)'),
+        'workers': (os.cpu_count(), 'decoding threads per process'),
+        'batch_size': (256, 'images per step per process (the global batch is this x processes)'),
+        'image_size': (None, "side the loader renders (default: the model's input_size, else the recipe's)"),
+        'val_crop_ratio': (0.875, 'centre crop of the validation images (1.0: the whole image)'),
+        'p': (1.0, 'dr: probability of a stored reinforcement, else a fresh view (ml-dr: 0.99)'),
+        'os_cache': (True, 'false: a file bigger than memory, read page by page (with quasi_random)'),
+        'order': ('random', ' | '.join(ORDERS)),
+        'seed': (0, 'seeds the order and which reinforcement each image replays'),
     },
     'model': {
-        'arch': 'resnet50',        # a timm name, or bundled:efficientnet_lite0
-        'pretrained': False,       # start from published weights (timm: the hub; bundled: the package)
-        'input_size': None,        # side the network sees, images resized on the device (default: the data's)
-        'drop_path': 0.0,
+        'arch': ('resnet50', 'a timm name, or bundled:efficientnet_lite0'),
+        'pretrained': (False, 'start from published weights (timm: the hub; bundled: the package)'),
+        'input_size': (None, "side the network sees (default: the data's)"),
+        'drop_path': (0.0, 'stochastic depth rate'),
     },
     'train': {
-        'mode': 'dr',              # erm | dr | kd
-        'epochs': 16,
-        'optimizer': 'sgd',        # sgd | adamw
-        'lr': 0.5,                 # for a global batch of 256, scaled linearly
-        'momentum': 0.9,
-        'weight_decay': 5e-5,
-        'schedule': 'cosine',      # cosine | step
-        'warmup_epochs': 1,
-        'step_epochs': [],         # step: decay by step_gamma at these epochs
-        'step_gamma': 0.1,
-        'label_smoothing': 0.1,    # erm only
-        'amp': True,               # float16 on a GPU, bfloat16 on the CPU
-        'channels_last': True,
-        'ema_decay': 0.0,          # 0: no EMA
-        'eval_every': 1,           # evaluate every n-th epoch (and always after the last)
-        'checkpoint_every': 0,     # also checkpoint every n-th step inside an epoch (0: at epoch ends only)
-        'teacher': 'bundled:efficientnet_lite0',   # kd only
-        'teacher_checkpoints': [],
-        'teacher_pretrained': True,
-        'teacher_size': None,      # side the teacher sees (default: its pretrained config's)
+        'mode': ('dr', 'erm: labels | dr: stored soft targets | kd: a teacher run online'),
+        'epochs': (16, 'passes over the data'),
+        'optimizer': ('sgd', 'sgd | adamw'),
+        'lr': (0.5, 'peak learning rate for a global batch of 256; scaled by batch_size x processes / 256'),
+        'momentum': (0.9, 'sgd momentum'),
+        'weight_decay': (5e-5, 'weight decay'),
+        'schedule': ('cosine', 'cosine | step, after a linear warm-up, per step'),
+        'warmup_epochs': (1, 'linear warm-up, in epochs'),
+        'step_epochs': ([], 'step: decay by step_gamma at these epochs'),
+        'step_gamma': (0.1, 'step: the decay factor'),
+        'label_smoothing': (0.1, 'erm only'),
+        'amp': (True, 'mixed precision: float16 on a GPU, bfloat16 on the CPU'),
+        'channels_last': (True, 'channels_last memory format'),
+        'ema_decay': (0.0, 'EMA of the weights (0: none; e.g. 0.9998)'),
+        'eval_every': (1, 'evaluate every n-th epoch (and always after the last)'),
+        'checkpoint_every': (0, 'also checkpoint every n-th step inside an epoch (0: at epoch ends only)'),
+        'teacher': ('bundled:efficientnet_lite0', 'kd only: timm names, comma-separated for an ensemble'),
+        'teacher_checkpoints': ([], 'kd only: a local checkpoint per teacher'),
+        'teacher_pretrained': (True, 'kd only: teachers with published weights'),
+        'teacher_size': (None, "kd only: side the teacher sees (default: its pretrained config's)"),
     },
-    'resolution': {                # ffcv-imagenet's progressive resizing (off while min_res is None):
-        'min_res': None,           # the side until start_ramp,
-        'max_res': None,           # from end_ramp on,
-        'start_ramp': 0,           # and in between a linear ramp, in steps of 32 px (epochs)
-        'end_ramp': 0,
-        'val_res': None,           # validation side (default: the training side, its largest)
+    'resolution': {  # ffcv-imagenet's progressive resizing, off while min_res is null
+        'min_res': (None, 'side until start_ramp (null: no ramp)'),
+        'max_res': (None, 'side from end_ramp on'),
+        'start_ramp': (0, 'epoch the linear ramp starts (steps of 32 px)'),
+        'end_ramp': (0, 'epoch it reaches max_res'),
+        'val_res': (None, 'validation side (default: the largest training side)'),
     },
-    'output': {'folder': 'out/train'},
-    'device': None,                # default: cuda when available (cuda:LOCAL_RANK under torchrun)
+    'output': {'folder': ('out/train', 'checkpoint.pt, log.jsonl, config.yaml, reliability.png')},
+    'device': (None, 'default: cuda when available (cuda:LOCAL_RANK under torchrun), else cpu'),
 }
+DEFAULTS = {section: ({name: default for name, (default, _) in entries.items()}
+                      if isinstance(entries, dict) else entries[0])
+            for section, entries in SETTINGS.items()}
+
+
+def show_settings() -> str:
+    """Every setting with its default and meaning, as a YAML file to edit."""
+    lines = ['# ffcv-dr train settings: the defaults. Save, edit, and pass with --config FILE;',
+             '# --set SECTION.KEY=VALUE overrides one. Every value is checked before any work.']
+    for section, entries in SETTINGS.items():
+        if not isinstance(entries, dict):
+            lines.append(f'{section}: {_scalar(entries[0])}'.ljust(40) + f'  # {entries[1]}')
+            continue
+        lines.append(f'{section}:')
+        for name, (default, meaning) in entries.items():
+            lines.append(f'  {name}: {_scalar(default)}'.ljust(40) + f'  # {meaning}')
+    return '\n'.join(lines)
+
+
+def _scalar(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()
+
+
 MODES = ('erm', 'dr', 'kd')
 SCHEDULES = ('cosine', 'step')
 OPTIMIZERS = ('sgd', 'adamw')

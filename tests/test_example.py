@@ -46,7 +46,7 @@ def test_the_example_trains_on_the_cpu(randaug_beton, tmp_path):
 def test_the_example_trains_under_torchrun(randaug_beton, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK')}
     done = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                           '--master_port', '0', SCRIPT, '--data', randaug_beton, *ARGS,
+                           '--master_port', '29541', SCRIPT, '--data', randaug_beton, *ARGS,
                            '--workers', '1'],
                           capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
