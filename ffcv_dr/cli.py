@@ -133,9 +133,12 @@ def _quickstart(args):
     loader = Loader(args.output, batch_size=args.batch_size, num_workers=args.workers or -1,
                     order=OrderOption.RANDOM, seed=0)
     rate, = epoch_rates(loader, 1)
-    r = result['recipe']
-    print(f"loaded one epoch: {len(loader) * args.batch_size} images ({r.size}, {r.size}, 3) with "
-          f"soft targets ({r.num_classes},) at {rate:.0f} images/s")
+    r, loaded = result['recipe'], len(loader) * args.batch_size
+    left = result['images'] - loaded
+    print(f"loaded one epoch: {loaded} of {result['images']} images ({r.size}, {r.size}, 3) with "
+          f"soft targets ({r.num_classes},) at {rate:.0f} images/s"
+          + (f" (drop_last=True left out {left}: the epoch's last, partial batch of "
+             f"--batch-size {args.batch_size})" if left else ''))
     print(f"ImageNet+ style .beton: {os.path.abspath(result['output'])}")
 
 

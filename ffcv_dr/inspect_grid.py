@@ -16,8 +16,10 @@ def class_names(num_classes: int):
     return [info.index_to_description(i).split(',')[0] for i in range(1000)]
 
 
-def draw_grid(beton: str, out: str, indices=None, samples: int = 4, rows: int = 6, seed: int = 0):
-    """Rows of images (``indices``, or random ones), ``samples`` reinforcements each."""
+def draw_grid(beton: str, out: str, indices=None, samples: int = 4, rows: int = 6, seed: int = 0,
+              row_names=None):
+    """Rows of images (``indices``, or random ones), ``samples`` reinforcements
+    each, randomly chosen; a row is named ``row_names[row]`` or by its index."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -41,7 +43,7 @@ def draw_grid(beton: str, out: str, indices=None, samples: int = 4, rows: int = 
             top = f.describe(i, int(j))['topk'][:3]
             ax.set_title('\n'.join(f'{names[c] if names else c}: {p:.2f}' for c, p in top), fontsize=7)
             if col == 0:
-                ax.set_ylabel(f'image {i}', fontsize=8)
+                ax.set_ylabel(row_names[row] if row_names else f'image {i}', fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -13,6 +13,7 @@ each rank takes every ``world``-th chunk. Rank 0 then assembles the
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
@@ -145,6 +146,21 @@ class _NoReinforcements:
         return f'image {index}'
 
 
+def check_class_space(images, teacher_classes: int, images_dir: str, teacher: str):
+    """Refuse labels outside the teacher's classes; warn where the folders'
+    classes are not the teacher's (the soft targets are over the teacher's)."""
+    if images.labels.size and images.labels.max() >= teacher_classes:
+        raise ConvertError(f'{images_dir}: {len(images.classes)} class folders, but the teacher {teacher} '
+                           f'predicts {teacher_classes} classes, so the labels fall outside its classes; '
+                           'fine-tune a teacher on these classes first (ffcv-dr train, then --checkpoint)')
+    if images.num_classes != teacher_classes:
+        warnings.warn(f'{images_dir}: its {len(images.classes)} class folders are not ImageNet-1k synsets, '
+                      f'and the teacher {teacher} predicts {teacher_classes} classes: the soft targets are '
+                      f"over the teacher's classes, which the folders' labels (0..{images.num_classes - 1}) "
+                      'do not name; fine-tune a teacher on these classes (ffcv-dr train, then --checkpoint) '
+                      'unless that is what you want', stacklevel=2)
+
+
 def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet_lite0',
               samples: int = 8, topk: int = 10, recipe: str = 'rrc+ra+re', size: int = 224,
               scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO, ra_ops: int = DEFAULT_RA_OPS,
@@ -185,6 +201,7 @@ def reinforce(images_dir: str, output: str, teacher: str = 'bundled:efficientnet
             model = load_teacher(teacher, checkpoints, pretrained, device, teacher_size)
             probe = torch.zeros(1, size, size, 3, dtype=torch.uint8, device=device)
             num_classes = int(model(probe).shape[-1])
+            check_class_space(images, num_classes, images_dir, teacher)
         rec = Recipe(num_samples=samples, topk=topk, num_classes=num_classes,
                      ra_ops=settings.ra_ops, erase=drawn.erase, mixing=drawn.mixing, size=size,
                      scale=scale, ratio=ratio, ra_magnitude=ra_magnitude, erase_p=settings.erase_p)
