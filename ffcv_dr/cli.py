@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import shlex
 import sys
 
 from .format import (DEFAULT_CUTMIX, DEFAULT_ERASE_P, DEFAULT_MIXUP, DEFAULT_RA_MAGNITUDE, DEFAULT_RA_OPS,
@@ -199,8 +200,19 @@ def _train(args):
         from .train_settings import show_settings
         print(show_settings())
         return
-    from .train import load_config, train
-    train(load_config(args.config, args.set), args.resume)
+    from .train import Interrupted, load_config, train
+    try:
+        train(load_config(args.config, args.set), args.resume)
+    except Interrupted as e:
+        checkpoint, = e.args
+        if checkpoint is None:
+            print('ffcv-dr train: interrupted before the first checkpoint; nothing was kept', file=sys.stderr)
+        else:
+            again = ['ffcv-dr', 'train', *(['--config', args.config] if args.config else []),
+                     *(x for item in args.set for x in ('--set', item)), '--resume']
+            print(f'ffcv-dr train: interrupted; the last checkpoint is {checkpoint}; continue with: '
+                  f'{shlex.join(again)}', file=sys.stderr)
+        return 130   # as a shell reports SIGINT
 
 
 def _verify(args):
@@ -541,6 +553,9 @@ def main(argv=None):
     except (ConvertError, JobError, ValueError, OSError) as e:
         print(f'ffcv-dr {args.command}: error: {printable(e)}', file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f'ffcv-dr {args.command}: interrupted', file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':

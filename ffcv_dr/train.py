@@ -27,6 +27,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -51,6 +52,8 @@ from .pipelines import Loader, arguments
 from .train_settings import DEFAULTS, MODES, load_config  # noqa: F401 -- the API
 
 ECE_BINS = 15
+COMPILING = (': compiling the loading pipeline before the first batch, once per process (the first '
+             "process on a machine also compiles the kernels, which numba caches for later ones)")
 
 
 def resolution(epoch: int, min_res: int, max_res: int, start_ramp: int, end_ramp: int) -> int:
@@ -225,6 +228,7 @@ class Trainer:
             self.teacher = load_teacher(t['teacher'], t['teacher_checkpoints'], t['teacher_pretrained'],
                                         self.device, t['teacher_size'])
         self.start_epoch = 0
+        self.compiled = False
         self.in_epoch = None   # where a checkpoint taken inside an epoch left it
         self.checkpoint = os.path.join(self.folder, 'checkpoint.pt')
 
@@ -292,10 +296,15 @@ class Trainer:
             total, count, before = resumed['total'].to(self.device), resumed['count'], resumed['seconds']
         first = resumed['loader']['batches'] if resumed else 0
         start = time.perf_counter() - before
-        bar = tqdm(loader, desc=f'epoch {epoch}' + (f' (resumed at step {first})' if first else ''),
-                   unit='batch', initial=first, total=steps, disable=self.rank != 0)
+        desc = f'epoch {epoch}' + (f' (resumed at step {first})' if first else '')
+        compiling = not self.compiled   # numba compiles the pipeline before this process's first batch
+        bar = tqdm(loader, desc=desc + (COMPILING if compiling else ''), unit='batch', initial=first,
+                   total=steps, disable=self.rank != 0)
         side = 0
         for k, (images, targets, labels) in enumerate(bar, start=first):
+            if compiling:
+                bar.set_description(desc)
+                self.compiled, compiling = True, False
             side = images.shape[1]
             for group in self.opt.param_groups:
                 group['lr'] = self.base_lr * lr_factor(epoch * steps + k, steps, t)
@@ -380,11 +389,29 @@ def _setup_distributed(device):
     return (dist.get_rank(), dist.get_world_size(), device) if world > 1 else (0, 1, device)
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) during ``train``; ``args[0]``: the checkpoint to resume
+    from, or None where there is none."""
+
+
 def train(cfg: dict, resume: bool = False) -> dict:
-    """Run a whole training; returns the last epoch's log record."""
-    trainer = Trainer(cfg)
-    with open(os.path.join(trainer.folder, 'config.yaml'), 'w') as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
-    if resume:
-        trainer.resume()
-    return trainer.fit()
+    """Run a whole training; returns the last epoch's log record. An output
+    folder this run made is removed again if the run fails before its first
+    checkpoint; Ctrl-C raises :class:`Interrupted`, naming the checkpoint."""
+    folder = cfg['output']['folder']
+    made = not os.path.exists(folder)
+    checkpoint = os.path.join(folder, 'checkpoint.pt')
+    try:
+        trainer = Trainer(cfg)
+        with open(os.path.join(trainer.folder, 'config.yaml'), 'w') as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+        if resume:
+            trainer.resume()
+        return trainer.fit()
+    except BaseException as e:
+        kept = os.path.exists(checkpoint)
+        if made and not kept and int(os.environ.get('RANK', '0')) == 0:
+            shutil.rmtree(folder, ignore_errors=True)   # nothing to resume from: leave nothing
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(checkpoint if kept else None) from None
+        raise

@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def test_a_batch_larger_than_the_file_is_refused_naming_the_setting(mixing_beton
     with pytest.raises(ValueError, match=rf'data.batch_size={n + 1} with drop_last=True: the {n} samples '
                                          rf'\({mixing_beton}, per process\) make no full batch'):
         train(cfg)
-    assert not os.listdir(tmp_path / 'out')
+    assert not os.path.exists(tmp_path / 'out')   # a failed run leaves nothing behind
 
 
 def test_unknown_settings_are_refused():
@@ -287,3 +288,41 @@ def test_a_teacher_fine_tuned_here_labels_with_its_checkpoint(small_images, tmp_
     assert float((probs.argmax(1) == labels.long()).double().mean()) == pytest.approx(last['top1'])
     ece = expected_calibration_error(calibration(probs.double(), labels.long()))
     assert ece == pytest.approx(last['ece'], abs=1e-5)
+
+
+def test_the_loader_renders_at_the_side_the_network_sees_and_the_log_says_which(mixing_beton, tmp_path):
+    """model.input_size alone: rendered at that side (no resize on the device);
+    with data.image_size too, resized to it, and the log records what the
+    network saw."""
+    from ffcv_dr.train import Trainer
+    settings = [f'data.train={mixing_beton}', 'model.arch=test_efficientnet', 'data.batch_size=16',
+                'data.workers=2', 'device=cpu', 'model.input_size=48']
+    assert Trainer(load_config(None, [*settings, f'output.folder={tmp_path / "a"}'])).size == 48
+    folder = str(tmp_path / 'b')
+    train(load_config(None, [*settings, 'data.image_size=64', 'train.epochs=1', f'output.folder={folder}']))
+    assert read_log(folder)[0]['resolution'] == 48
+
+
+def test_ctrl_c_names_the_checkpoint_and_the_command_that_resumes(mixing_beton, tmp_path):
+    folder = str(tmp_path / 'out')
+    args = []
+    for item in [f'data.train={mixing_beton}', f'output.folder={folder}', *TINY, 'train.epochs=30']:
+        args += ['--set', item]
+    proc = subprocess.Popen([sys.executable, '-m', 'ffcv_dr.cli', 'train', *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    checkpoint, deadline = os.path.join(folder, 'checkpoint.pt'), time.time() + 300
+    while time.time() < deadline and not os.path.exists(checkpoint):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert 'Traceback' not in err
+    assert last.startswith(f'ffcv-dr train: interrupted; the last checkpoint is {checkpoint}; continue with: '
+                           'ffcv-dr train --set ')
+    again = shlex.split(last.split('continue with: ')[1])
+    assert again[2:] == [*args, '--resume']
+    done = subprocess.run([sys.executable, '-m', 'ffcv_dr.cli', *again[1:-3], '--set', 'train.epochs=2',
+                           '--resume'], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and 'resuming after epoch' in done.stdout, done.stderr[-2000:]
