@@ -24,11 +24,14 @@ stamp=".venv/.ffcv-dr-installed"
 # Reinstalled when the package metadata or the C extensions change.
 want="$(cat pyproject.toml setup.py ffcv_dr/_jpeg.c ffcv_dr/_restarts.c ffcv_dr/_jpeg_errors.h ffcv_dr/_resize.cpp | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setting up .venv (once, and again when the package changes): torch, FFCV, timm and ffcv-dr;"
+    echo "  about 6 GB and a few minutes on a first run (FFCV and ffcv-dr build C extensions)"
     .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
     # A matched pair: timm pulls torchvision, and a mismatched pair fails to import.
     .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
     .venv/bin/python -m pip install -q -e ".[dev]"
     echo "$want" > "$stamp"
+    echo "set up: run ffcv-dr as ./run.sh COMMAND, or .venv/bin/ffcv-dr, or ffcv-dr after: source .venv/bin/activate"
 fi
 
 if [ "${1:-}" = "test" ]; then

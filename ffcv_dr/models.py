@@ -50,14 +50,43 @@ def _bundled(name: str, pretrained: bool, num_classes: Optional[int]):
     return net, 224, (127 / 255,) * 3, (128 / 255,) * 3, '_fc'
 
 
+def _hub_unreachable():
+    """Why the model hub cannot be reached now (an OSError), or None. Asked
+    once, in 3 s: offline, huggingface_hub retries each file for about a minute."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == 'https' else 80)),
+                                 timeout=3).close()
+    except OSError as e:
+        return e
+    return None
+
+
 def _timm(name: str, pretrained: bool, num_classes: Optional[int], **kwargs):
     import timm
+    from huggingface_hub import constants
     from timm.data import resolve_data_config
     extra = {'num_classes': num_classes} if num_classes else {}
+    offline = pretrained and not constants.HF_HUB_OFFLINE and _hub_unreachable()
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = was or bool(offline)   # the local cache only, without retries
     try:
         net = timm.create_model(name, pretrained=pretrained, **extra, **kwargs)
     except RuntimeError as e:  # timm's "unknown model" and failed weight downloads
         raise ValueError(f'model {name}: {e}') from None
+    except OSError as e:   # huggingface_hub: not in the local cache
+        if not offline:
+            raise ValueError(f'model {name}: its pretrained weights could not be fetched ({e})') from None
+        raise ValueError(f'model {name}: its pretrained weights are not in the local cache and the hub '
+                         f'cannot be reached ({offline}); give local weights (--checkpoint, '
+                         'teacher_checkpoints), train from scratch (--no-pretrained, '
+                         'model.pretrained=false) or use bundled:efficientnet_lite0') from None
+    finally:
+        constants.HF_HUB_OFFLINE = was
     cfg = resolve_data_config({}, model=net)
     return net, cfg['input_size'][-1], cfg['mean'], cfg['std'], net.pretrained_cfg['classifier']
 

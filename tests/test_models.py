@@ -59,3 +59,16 @@ def test_foreign_or_unsafe_checkpoints_are_refused(tmp_path):
         create('test_efficientnet', checkpoint=code)
     with pytest.raises(ValueError, match='takes no model settings'):
         create('bundled:efficientnet_lite0', drop_path_rate=0.1)
+
+
+def test_a_hub_model_that_cannot_be_fetched_fails_at_once_naming_the_ways_out(monkeypatch):
+    """Offline, huggingface_hub retries each file for about a minute; here the
+    hub is asked once (a closed local port stands for it) and the error says
+    what to do instead."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'ENDPOINT', 'http://127.0.0.1:9')
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    with pytest.raises(ValueError, match=r'model efficientnet_lite0: its pretrained weights are not in the '
+                                         r'local cache and the hub cannot be reached .*--no-pretrained'):
+        create('efficientnet_lite0', pretrained=True)
+    assert constants.HF_HUB_OFFLINE is False   # offline for that call only
