@@ -102,3 +102,13 @@ def test_a_teacher_of_other_classes_is_warned_of_and_labels_outside_it_refused(t
     with pytest.raises(ConvertError, match=r'photos: 8 class folders, but the teacher t predicts 5 classes'):
         check_class_space(images, 5, 'photos', 't')
     check_class_space(images, 8, 'photos', 't')   # a teacher fine-tuned on these classes: silent
+
+
+def test_quickstart_says_what_drop_last_left_out(small_images, tmp_path, capsys):
+    from conftest import RANDAUG, first_reinforcements
+    mldr = first_reinforcements(tmp_path / 'mldr', RANDAUG, 12)
+    assert main(['quickstart', small_images, mldr, str(tmp_path / 'q.beton'), '--batch-size', '5',
+                 '--workers', '2']) == 0
+    out = capsys.readouterr().out
+    assert 'loaded one epoch: 10 of 12 images' in out
+    assert "drop_last=True left out 2: the epoch's last, partial batch of --batch-size 5" in out

@@ -290,10 +290,11 @@ def test_a_teacher_fine_tuned_here_labels_with_its_checkpoint(small_images, tmp_
     assert ece == pytest.approx(last['ece'], abs=1e-5)
 
 
-def test_the_loader_renders_at_the_side_the_network_sees_and_the_log_says_which(mixing_beton, tmp_path):
+def test_the_loader_renders_at_the_side_the_network_sees_and_the_log_says_which(mixing_beton, tmp_path,
+                                                                               capsys):
     """model.input_size alone: rendered at that side (no resize on the device);
     with data.image_size too, resized to it, and the log records what the
-    network saw."""
+    network saw. The bar ends on the epoch's mean loss, as the log."""
     from ffcv_dr.train import Trainer
     settings = [f'data.train={mixing_beton}', 'model.arch=test_efficientnet', 'data.batch_size=16',
                 'data.workers=2', 'device=cpu', 'model.input_size=48']
@@ -301,6 +302,8 @@ def test_the_loader_renders_at_the_side_the_network_sees_and_the_log_says_which(
     folder = str(tmp_path / 'b')
     train(load_config(None, [*settings, 'data.image_size=64', 'train.epochs=1', f'output.folder={folder}']))
     assert read_log(folder)[0]['resolution'] == 48
+    bar = re.findall(r'loss=([0-9.]+)', capsys.readouterr().err)
+    assert bar and bar[-1] == f"{read_log(folder)[0]['train_loss']:.3f}"
 
 
 def test_ctrl_c_names_the_checkpoint_and_the_command_that_resumes(mixing_beton, tmp_path):
