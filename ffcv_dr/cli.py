@@ -133,6 +133,8 @@ def _quickstart(args):
     result = convert(args.images, args.output, args.mldr, num_workers=args.workers)
     loader = Loader(args.output, batch_size=args.batch_size, num_workers=args.workers or -1,
                     order=OrderOption.RANDOM, seed=0)
+    print('loading: the first batch waits while numba compiles the pipeline (about a minute in the first '
+          'process on a machine, which caches the kernels; seconds in later ones)', flush=True)
     rate, = epoch_rates(loader, 1)
     r, loaded = result['recipe'], len(loader) * args.batch_size
     left = result['images'] - loaded
