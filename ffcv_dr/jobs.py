@@ -104,50 +104,99 @@ def _unlink(path):
         pass
 
 
+LOCK_MARK = 'ffcv-dr lock of '
+SCRATCH_MARK = '.ffcv-dr-scratch'   # inside a scratch folder: the output it is for
+
+
 class OutputLock:
     """One job per output: an exclusive ``flock`` on a hidden file beside it
     (``.ffcv-dr-lock-NAME``), held for the whole job and released by the
-    kernel however the process ends; the next job on that output removes the
-    file. A second job fails at once, naming the holder."""
+    kernel however the process ends. The file says whose lock it is (the
+    output's path, then the holder); a job takes over only such a file of its
+    own output, left by a killed job, and refuses any other file by that name
+    (a user's, an input), which it never truncates or removes. A second job
+    fails at once, naming the holder."""
 
     def __init__(self, output: str):
         folder, name = os.path.split(os.path.abspath(output))
         self.output, self.path = output, os.path.join(folder, f'.ffcv-dr-lock-{name}')
+        self.mark = f'{LOCK_MARK}{os.path.abspath(output)}\n'.encode()
         self.fd = None
 
     def __enter__(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            made = True
+        except FileExistsError:
+            fd, made = self._existing(), False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors='replace').strip() or 'another process'
+            holder = os.pread(fd, 4096, 0).decode(errors='replace').strip().split('\n')[-1]
             os.close(fd)
-            raise JobError(f'{self.output}: another job is writing it ({holder}); wait for it '
-                           'or stop it') from None
+            raise JobError(f'{self.output}: another job is writing it ({holder or "another process"}); '
+                           'wait for it or stop it') from None
+        found = b'' if made else os.pread(fd, len(self.mark), 0)
+        if not made and found != self.mark:
+            os.close(fd)
+            if not found:   # made by a job that has not locked it yet
+                raise JobError(f'{self.output}: another job is starting on it; wait for it or stop it')
+            raise JobError(f'{self.output}: {self.path} is in the way of its lock file and is not an '
+                           'ffcv-dr lock of this output; move or rename it')
         os.ftruncate(fd, 0)
-        os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}'.encode())
+        os.pwrite(fd, self.mark + f'pid {os.getpid()} on {socket.gethostname()}'.encode(), 0)
         self.fd = fd
         _TEMPORARY.add(self.path)
         return self
 
+    def _existing(self) -> int:
+        """The lock file another job left, opened without following a link or blocking."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            raise JobError(f'{self.output}: {self.path} is in the way of its lock file '
+                           f'({e.strerror}); move or rename it') from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise JobError(f'{self.output}: {self.path} is in the way of its lock file ({file_kind(mode)}); '
+                           'move or rename it')
+        return fd
+
     def __exit__(self, *exc):
         _TEMPORARY.discard(self.path)
-        _unlink(self.path)
+        _unlink(self.path)   # ours: it bears our mark, and we hold it
         os.close(self.fd)
 
 
 def scratch_dir(output: str) -> str:
     """A new hidden scratch folder beside ``output``, for the file being
-    written. Called under the output's :class:`OutputLock`, so the scratch
-    folders of earlier jobs on this output that were killed (SIGKILL leaves
-    them) are removed first: nothing a kill leaves lasts."""
+    written, marked inside with the output's path. Called under the
+    output's :class:`OutputLock`, so the marked scratch folders of earlier
+    jobs on this very output were left by kills (SIGKILL leaves them) and
+    are removed first; folders of other outputs, and anything unmarked (a
+    user's), are left alone."""
     folder, name = os.path.split(os.path.abspath(output))
     prefix = f'.ffcv-dr-tmp-{name}-'
     for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + '*')):
-        shutil.rmtree(stale, ignore_errors=True)
+        if _scratch_of(stale) == os.path.abspath(output):
+            shutil.rmtree(stale, ignore_errors=True)
     path = tempfile.mkdtemp(prefix=prefix, dir=folder)
     _TEMPORARY.add(path)
+    with open(os.path.join(path, SCRATCH_MARK), 'w') as f:
+        f.write(os.path.abspath(output))
     return path
+
+
+def _scratch_of(path: str):
+    """The output a scratch folder was made for, or None (not ffcv-dr's)."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return None
+    try:
+        with open(os.path.join(path, SCRATCH_MARK), 'rb') as f:
+            return f.read(65536).decode()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -44,6 +44,7 @@ from ffcv.writer import DatasetWriter
 from PIL import Image
 from tqdm import tqdm
 
+from . import checkpoints
 from .beton import BetonFile
 from .intake import list_images
 from .jobs import digest, images_digest
@@ -231,6 +232,10 @@ class Trainer:
         self.compiled = False
         self.in_epoch = None   # where a checkpoint taken inside an epoch left it
         self.checkpoint = os.path.join(self.folder, 'checkpoint.pt')
+        self.log = os.path.join(self.folder, 'log.jsonl')
+        # what a checkpoint must have been written with to be resumed by this run
+        self.resumable = {'model.arch': m['arch'], 'classes': recipe.num_classes,
+                          'train.optimizer': t['optimizer'], 'train.ema': bool(t['ema_decay'])}
 
     def _loss(self, out, images, targets, labels):
         mode = self.cfg['train']['mode']
@@ -243,27 +248,52 @@ class Trainer:
                         reduction='batchmean')
 
     def resume(self):
-        if not os.path.exists(self.checkpoint):
+        """Continue from ``OUTPUT/checkpoint.pt``, checked (:mod:`ffcv_dr.checkpoints`);
+        without one, say so and start afresh."""
+        if not os.path.lexists(self.checkpoint):
+            if self.rank == 0:
+                self._keep_log_before(0)   # lines of epochs a kill stopped before their checkpoint
+                print(f'--resume: no checkpoint at {self.checkpoint}; starting afresh', flush=True)
             return
-        state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
-        self.model.net.load_state_dict(state['model'])
-        self.opt.load_state_dict(state['opt'])
-        self.scaler.load_state_dict(state['scaler'])
-        if self.ema is not None:
-            self.ema.load_state_dict(state['ema'])
-        torch.set_rng_state(state['rng'])
-        if state.get('cuda_rng') is not None and self.device.type == 'cuda':
-            torch.cuda.set_rng_state(state['cuda_rng'], self.device)
-        self.in_epoch = state.get('in_epoch')
+        if not os.path.exists(self.checkpoint):
+            raise ValueError(f'{self.checkpoint}: a link to a file that is not there')
+        state = checkpoints.load(self.checkpoint, self.device, self.resumable)
+        try:
+            self.model.net.load_state_dict(state['model'])
+            self.opt.load_state_dict(state['opt'])
+            self.scaler.load_state_dict(state['scaler'])
+            if self.ema is not None:
+                self.ema.load_state_dict(state['ema'])
+            torch.set_rng_state(state['rng'])
+            if state.get('cuda_rng') is not None and self.device.type == 'cuda':
+                torch.cuda.set_rng_state(state['cuda_rng'], self.device)
+            epoch, self.in_epoch = int(state['epoch']), state.get('in_epoch')
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            raise ValueError(f'{self.checkpoint}: does not fit this run ({type(e).__name__}: '
+                             f'{first[:200]})') from None
         if self.in_epoch:  # every rank stands at rank 0's batch
             self.in_epoch['loader']['rank'] = self.train_loader.state_dict()['rank']
-            self.start_epoch = state['epoch']
-            where = f'epoch {state["epoch"]} at step {self.in_epoch["loader"]["batches"]}'
+            self.start_epoch = epoch
+            where = f'epoch {epoch} at step {self.in_epoch["loader"]["batches"]}'
         else:
-            self.start_epoch = state['epoch'] + 1
-            where = f'after epoch {state["epoch"]}'
+            self.start_epoch = epoch + 1
+            where = f'after epoch {epoch}'
         if self.rank == 0:
+            self._keep_log_before(self.start_epoch)
             print(f'resuming {where} from {self.checkpoint}', flush=True)
+
+    def _keep_log_before(self, epoch: int):
+        """``log.jsonl`` less the lines of ``epoch`` and later: a line is written
+        before its epoch's checkpoint, so a kill between the two leaves a line
+        that the resumed run writes again."""
+        if not os.path.exists(self.log):
+            return
+        with open(self.log) as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get('epoch', 0) < epoch]
+        with open(self.log + '.tmp', 'w') as f:
+            f.writelines(lines)
+        os.replace(self.log + '.tmp', self.log)
 
     def _save(self, epoch, in_epoch=None):
         """A checkpoint after ``epoch``, or inside it: ``in_epoch`` holds the
@@ -274,8 +304,7 @@ class Trainer:
                  'scaler': self.scaler.state_dict(), 'epoch': epoch, 'rng': torch.get_rng_state(),
                  'cuda_rng': torch.cuda.get_rng_state(self.device) if self.device.type == 'cuda' else None,
                  'ema': self.ema.state_dict() if self.ema is not None else None, 'in_epoch': in_epoch}
-        torch.save(state, self.checkpoint + '.tmp')
-        os.replace(self.checkpoint + '.tmp', self.checkpoint)
+        checkpoints.save(self.checkpoint, state, self.resumable)
 
     def epoch_size(self, epoch) -> int:
         if not self.ramp:
@@ -353,7 +382,6 @@ class Trainer:
         return float(hits[0] / hits[2]), float(hits[1] / hits[2]), expected_calibration_error(table), table
 
     def fit(self) -> dict:
-        log = os.path.join(self.folder, 'log.jsonl')
         record = {}
         for epoch in range(self.start_epoch, self.cfg['train']['epochs']):
             record = {'epoch': epoch, 'mode': self.cfg['train']['mode'], **self.train_epoch(epoch)}
@@ -363,11 +391,11 @@ class Trainer:
                 record['confidence'] = float(table[1].sum() / table[0].sum())  # vs top1: over/under-confident
                 if self.ema is not None:
                     record['ema_top1'], record['ema_top5'], record['ema_ece'], _ = self.evaluate(self.ema.module)
-            self._save(epoch)
-            if self.rank == 0:
-                with open(log, 'a') as f:
+            if self.rank == 0:   # the line first: a kill before the checkpoint reruns the epoch
+                with open(self.log, 'a') as f:
                     f.write(json.dumps(record) + '\n')
                 print(json.dumps(record), flush=True)
+            self._save(epoch)
         if self.rank == 0 and self.val_loader is not None and record:
             reliability_plot(table, os.path.join(self.folder, 'reliability.png'),
                              f"{self.cfg['model']['arch']} ({self.cfg['train']['mode']})")

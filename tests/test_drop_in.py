@@ -14,7 +14,7 @@ from ffcv.transforms import Squeeze, ToTensor
 
 from ffcv_dr import CUSTOM_FIELDS, Loader, train_pipelines
 from ffcv_dr.beton import BetonFile
-from ffcv_dr.fields import ReinforcedImageDecoder, SoftTargetDecoder
+from ffcv_dr.fields import ReinforcedImageDecoder
 from ffcv_dr.replay_clock import choose
 from test_loader import expected_target
 
@@ -92,24 +92,6 @@ def test_a_plain_ffcv_loader_replays_new_reinforcements_every_epoch(randaug_beto
     loader.pipeline_specs['image'].decoder.clock.set_epoch(9)
     js = next(iter(loader))[2].clone()
     assert js.tolist() == [choose(np.uint64(0), 9, i, f.recipe.num_samples, 1.0) for i in range(N)]
-
-
-def test_decoders_of_one_plain_loader_share_the_epoch(randaug_beton):
-    """Image and target decoders built separately (each with its own default
-    clock) still replay the same reinforcement every epoch."""
-    f = BetonFile(randaug_beton)
-    loader = ffcv.Loader(randaug_beton, batch_size=N, num_workers=1, order=OrderOption.RANDOM,
-                         seed=1, indices=np.arange(N), custom_fields=CUSTOM_FIELDS,
-                         pipelines={'image': [ReinforcedImageDecoder((48, 48)), ToTensor()],
-                                    'target': [SoftTargetDecoder(), ToTensor()], 'label': None})
-    for epoch in range(2):
-        for images, targets in [tuple(t.clone() for t in b) for b in loader]:
-            for img, target in zip(images.numpy(), targets.numpy()):
-                i = next(i for i in range(N)
-                         if np.allclose(target, expected_target(f, i, choose(np.uint64(0), epoch, i,
-                                                                             f.recipe.num_samples, 1.0))))
-                j = choose(np.uint64(0), epoch, i, f.recipe.num_samples, 1.0)
-                np.testing.assert_array_equal(img, f.render(i, j, 0, epoch, size=48))
 
 
 PATCHED = """

@@ -160,3 +160,48 @@ def test_chunks_smaller_than_a_teacher_batch_are_warned_of(tmp_path):
     folder = _folder(tmp_path / 'images', list_images(IMAGES).paths[:6])
     with pytest.warns(UserWarning, match=r"50% of the teacher's work .* --chunk 4 or more"):
         reinforce(folder, str(tmp_path / 'out.beton'), **{**FAST, 'chunk': 2})
+
+
+def test_a_job_removes_no_scratch_folder_but_those_its_output_left(randaug_beton, tmp_path):
+    """Scratch folders are marked with their output's path: a job on ``out``
+    removes what a killed job on ``out`` left, never the live scratch folder
+    of a job on ``out-small.beton`` (whose name it prefixes) nor a user's
+    folder named like one."""
+    from ffcv_dr.jobs import _TEMPORARY, scratch_dir
+    from ffcv_dr.subset import subset
+    out, other = str(tmp_path / 'out'), str(tmp_path / 'out-small.beton')
+    mine = tmp_path / '.ffcv-dr-tmp-out-mine'
+    mine.mkdir()
+    (mine / 'notes.txt').write_text('keep')
+    with OutputLock(other):   # a job writing out-small.beton, in the middle of its write
+        live = scratch_dir(other)
+        stale = scratch_dir(out)   # what a SIGKILLed job on out left
+        _TEMPORARY.discard(stale)
+        subset(randaug_beton, out, 2, 5, num_workers=2)
+        assert os.path.isdir(live) and (mine / 'notes.txt').read_text() == 'keep'
+        assert not os.path.exists(stale)
+    shutil.rmtree(live)
+    _TEMPORARY.discard(live)
+    assert sorted(os.listdir(tmp_path)) == ['.ffcv-dr-tmp-out-mine', 'out']
+
+
+def test_a_file_named_like_the_lock_is_refused_and_never_touched(randaug_beton, tmp_path):
+    import hashlib
+    from ffcv_dr.subset import subset
+    src = tmp_path / '.ffcv-dr-lock-out.beton'
+    shutil.copy(randaug_beton, src)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    with pytest.raises(JobError, match=r'out\.beton: .*/\.ffcv-dr-lock-out\.beton is in the way of its lock '
+                                       r'file and is not an ffcv-dr lock of this output; move or rename it'):
+        subset(str(src), str(tmp_path / "out.beton"), 2, 5, num_workers=2)
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
+    assert os.listdir(tmp_path) == ['.ffcv-dr-lock-out.beton']
+
+
+def test_the_lock_a_killed_job_left_is_taken_over(tmp_path):
+    out = str(tmp_path / 'x.beton')
+    killed = OutputLock(out).__enter__()
+    os.close(killed.fd)   # the kernel drops the flock of a killed process; its file stays
+    with OutputLock(out):
+        pass
+    assert os.listdir(tmp_path) == []

@@ -174,7 +174,7 @@ def test_dr_training_logs_evaluates_and_resumes_exactly(mixing_beton, small_imag
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not os.path.exists(os.path.join(parts, 'log.jsonl')):
+    while time.time() < deadline and not os.path.exists(os.path.join(parts, 'checkpoint.pt')):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
@@ -329,3 +329,88 @@ def test_ctrl_c_names_the_checkpoint_and_the_command_that_resumes(mixing_beton, 
     done = subprocess.run([sys.executable, '-m', 'ffcv_dr.cli', *again[1:-3], '--set', 'train.epochs=2',
                            '--resume'], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and 'resuming after epoch' in done.stdout, done.stderr[-2000:]
+
+
+@pytest.fixture(scope='module')
+def one_epoch(mixing_beton, tmp_path_factory):
+    """A finished one-epoch run's folder (its checkpoint and log), and its settings."""
+    folder = str(tmp_path_factory.mktemp('one_epoch') / 'out')
+    settings = [f'data.train={mixing_beton}', f'output.folder={folder}', *TINY, 'train.epochs=1']
+    train(load_config(None, settings))
+    return folder, settings
+
+
+def _resume_refuses(folder, settings, tmp_path, damage, message, *more):
+    import shutil as sh
+    copy = str(tmp_path / 'copy')
+    sh.copytree(folder, copy)
+    damage(os.path.join(copy, 'checkpoint.pt'))
+    cfg = load_config(None, [*settings, f'output.folder={copy}', 'train.epochs=2', *more])
+    with pytest.raises(ValueError, match=message):
+        train(cfg, resume=True)
+    assert len(read_log(copy)) == 1   # nothing trained
+
+
+def _flip_middle_byte(path):
+    data = bytearray(open(path, 'rb').read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, 'wb').write(bytes(data))
+
+
+def _change_a_weight_keeping_the_checksum(path):
+    state = torch.load(path, weights_only=True)
+    next(v for v in state['model'].values() if v.is_floating_point()).add_(1)
+    torch.save(state, path)
+
+
+DAMAGE = [
+    (_flip_middle_byte, r'checkpoint\.pt: (damaged: its content does not match|not a readable checkpoint)'),
+    (_change_a_weight_keeping_the_checksum, r'checkpoint\.pt: damaged: its content does not match the checksum'),
+    (lambda p: os.truncate(p, os.path.getsize(p) // 3), r'checkpoint\.pt: not a readable checkpoint'),
+    (lambda p: os.truncate(p, 0), r'checkpoint\.pt: empty, not a checkpoint'),
+    (lambda p: open(p, 'wb').write(os.urandom(4096)), r'checkpoint\.pt: not a readable checkpoint'),
+    (lambda p: (os.remove(p), os.mkfifo(p)), r'checkpoint\.pt: a FIFO, not a checkpoint file'),
+    (lambda p: torch.save({'model': {}}, p), r'checkpoint\.pt: not a checkpoint of ffcv-dr train'),
+]
+
+
+@pytest.mark.parametrize('damage, message', DAMAGE, ids=['flipped byte', 'changed weight', 'truncated',
+                                                         'empty', 'random bytes', 'fifo', 'foreign'])
+def test_a_damaged_checkpoint_is_refused_in_one_line(one_epoch, tmp_path, damage, message):
+    folder, settings = one_epoch
+    _resume_refuses(folder, settings, tmp_path, damage, message)
+
+
+def test_a_checkpoint_of_other_settings_is_refused_naming_them(one_epoch, tmp_path):
+    folder, settings = one_epoch
+    _resume_refuses(folder, settings, tmp_path, lambda p: None,
+                    r"other settings, which it cannot resume: model.arch='test_efficientnet' there, "
+                    r"'resnet10t' here; train.ema=False there, True here",
+                    'model.arch=resnet10t', 'train.ema_decay=0.9')
+
+
+def test_resume_without_a_checkpoint_says_it_starts_afresh(mixing_beton, tmp_path, capsys):
+    folder = str(tmp_path / 'out')
+    train(load_config(None, [f'data.train={mixing_beton}', f'output.folder={folder}', *TINY,
+                             'train.epochs=1']), resume=True)
+    assert f'--resume: no checkpoint at {folder}/checkpoint.pt; starting afresh' in capsys.readouterr().out
+    assert [r['epoch'] for r in read_log(folder)] == [0]
+
+
+def test_a_kill_as_the_checkpoint_appears_loses_no_log_line(mixing_beton, tmp_path):
+    """The epoch's line is written before its checkpoint; a resumed run drops
+    lines of epochs it trains again, so each finished epoch has one line."""
+    folder = str(tmp_path / 'out')
+    args = [sys.executable, '-m', 'ffcv_dr.cli', 'train']
+    for item in [f'data.train={mixing_beton}', f'output.folder={folder}', *TINY, 'train.epochs=3']:
+        args += ['--set', item]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint, deadline = os.path.join(folder, 'checkpoint.pt'), time.time() + 300
+    while time.time() < deadline and not os.path.exists(checkpoint):
+        time.sleep(0.001)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert os.path.exists(checkpoint)
+    done = subprocess.run(args + ['--resume'], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r['epoch'] for r in read_log(folder)] == [0, 1, 2]
