@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from . import checkpoints
 from .beton import BetonFile
+from .chunks import group_lock
 from .intake import list_images
 from .jobs import digest, images_digest
 from .models import create
@@ -423,19 +424,24 @@ class Interrupted(Exception):
 
 
 def train(cfg: dict, resume: bool = False) -> dict:
-    """Run a whole training; returns the last epoch's log record. An output
-    folder this run made is removed again if the run fails before its first
-    checkpoint; Ctrl-C raises :class:`Interrupted`, naming the checkpoint."""
+    """Run a whole training; returns the last epoch's log record. One run
+    holds the output folder at a time (a second is refused, naming the
+    holder); a folder this run made is removed again if the run fails before
+    its first checkpoint; Ctrl-C raises :class:`Interrupted`, naming the
+    checkpoint."""
     folder = cfg['output']['folder']
     made = not os.path.exists(folder)
     checkpoint = os.path.join(folder, 'checkpoint.pt')
     try:
-        trainer = Trainer(cfg)
-        with open(os.path.join(trainer.folder, 'config.yaml'), 'w') as f:
-            yaml.safe_dump(cfg, f, sort_keys=False)
-        if resume:
-            trainer.resume()
-        return trainer.fit()
+        rank, world, _ = _setup_distributed(cfg['device'])
+        os.makedirs(folder, exist_ok=True)
+        with group_lock(folder, rank, world):   # one run per output folder
+            trainer = Trainer(cfg)
+            with open(os.path.join(trainer.folder, 'config.yaml'), 'w') as f:
+                yaml.safe_dump(cfg, f, sort_keys=False)
+            if resume:
+                trainer.resume()
+            return trainer.fit()
     except BaseException as e:
         kept = os.path.exists(checkpoint)
         if made and not kept and int(os.environ.get('RANK', '0')) == 0:

@@ -414,3 +414,14 @@ def test_a_kill_as_the_checkpoint_appears_loses_no_log_line(mixing_beton, tmp_pa
     done = subprocess.run(args + ['--resume'], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [r['epoch'] for r in read_log(folder)] == [0, 1, 2]
+
+
+def test_a_second_run_into_one_folder_is_refused_naming_the_first(mixing_beton, tmp_path):
+    """Before: two runs raced on checkpoint.pt.tmp and one died of a FileNotFoundError."""
+    from ffcv_dr.jobs import JobError, OutputLock
+    folder = str(tmp_path / 'out')
+    with OutputLock(folder):   # a run training into it
+        with pytest.raises(JobError, match=rf'out: another job is writing it \(pid {os.getpid()} on '):
+            train(load_config(None, [f'data.train={mixing_beton}', f'output.folder={folder}', *TINY]))
+        assert os.listdir(tmp_path) == ['.ffcv-dr-lock-out']   # the refused run left nothing
+    assert os.listdir(tmp_path) == []
