@@ -36,6 +36,12 @@ def _digest(value, h) -> None:
         h.update(repr(value).encode())
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line, for a one-line error."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else repr(error)
+
+
 def content_digest(state: dict) -> str:
     h = hashlib.sha256()
     _digest(state, h)
@@ -61,9 +67,8 @@ def load(path: str, device, settings: dict) -> dict:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 -- truncated, random or foreign bytes alike
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
         raise ValueError(f'{path}: not a readable checkpoint, damaged or truncated '
-                         f'({type(e).__name__}: {first[:200]})') from None
+                         f'({type(e).__name__}: {first_line(e)})') from None
     if not isinstance(state, dict) or state.get('format') != FORMAT or 'sha256' not in state:
         raise ValueError(f'{path}: not a checkpoint of ffcv-dr train (format {FORMAT!r})')
     stored = state.pop('sha256')

@@ -270,9 +270,8 @@ class Trainer:
                 torch.cuda.set_rng_state(state['cuda_rng'], self.device)
             epoch, self.in_epoch = int(state['epoch']), state.get('in_epoch')
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
             raise ValueError(f'{self.checkpoint}: does not fit this run ({type(e).__name__}: '
-                             f'{first[:200]})') from None
+                             f'{checkpoints.first_line(e)})') from None
         if self.in_epoch:  # every rank stands at rank 0's batch
             self.in_epoch['loader']['rank'] = self.train_loader.state_dict()['rank']
             self.start_epoch = epoch
